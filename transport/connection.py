@@ -1,0 +1,99 @@
+"""Connecting to the broker: URL lists, failover, jittered backoff.
+
+``EDGEWARD_BROKER_URL`` may name several nodes of one cluster, separated by
+commas.  Every client tries them in turn (starting at a random one, so a
+fleet spreads over the nodes) and fails over to the next when one is down.
+pika's exceptions stop here: callers see :class:`BrokerUnreachable`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+
+from .errors import BrokerUnreachable
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def split_urls(value: str) -> list[str]:
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("no broker URL given")
+    for url in urls:
+        if urlsplit(url).scheme not in ("amqp", "amqps"):
+            raise ValueError(f"not an amqp:// or amqps:// URL: {redact(url)}")
+    return urls
+
+
+def redact(url: str) -> str:
+    """The URL without its password, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def parameters(
+    url: str, *, heartbeat: int = 30, timeout: float = 10.0, name: str = "edgeward"
+) -> pika.URLParameters:
+    params = pika.URLParameters(url)
+    params.heartbeat = heartbeat
+    params.connection_attempts = 1
+    params.socket_timeout = timeout
+    # A broker past its fd limit accepts TCP and then never answers the
+    # handshake: bound it.
+    params.stack_timeout = timeout
+    params.blocked_connection_timeout = 60
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+def rotation(urls: list[str], rng: random.Random | None = None) -> Iterator[str]:
+    """Endless walk over the nodes, starting at a random one."""
+    start = (rng or random).randrange(len(urls))
+    i = start
+    while True:
+        yield urls[i % len(urls)]
+        i += 1
+
+
+@dataclass
+class Backoff:
+    """Jittered exponential backoff ("full jitter")."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    attempt: int = 0
+    rng: random.Random | None = None
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * (2**self.attempt))
+        self.attempt += 1
+        return (self.rng or random).uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def connect_blocking(
+    urls: list[str], *, name: str = "edgeward", timeout: float = 10.0
+) -> pika.BlockingConnection:
+    """A blocking connection to the first node of ``urls`` that answers."""
+    errors = []
+    for url in urls:
+        try:
+            return pika.BlockingConnection(parameters(url, timeout=timeout, name=name))
+        except pika.exceptions.ProbableAuthenticationError:
+            errors.append(f"{redact(url)}: login refused")
+        except pika.exceptions.AMQPError as exc:
+            errors.append(f"{redact(url)}: {type(exc).__name__} {exc}".strip())
+        except OSError as exc:
+            errors.append(f"{redact(url)}: {exc}")
+    raise BrokerUnreachable([redact(u) for u in urls], "; ".join(errors))

@@ -1,0 +1,36 @@
+"""Errors split by whose fault they are (the h11 way).
+
+* :class:`RemoteProtocolError` — a peer sent something we refuse: a message
+  that does not decode, a bad signature, a stale revision. It carries a short
+  ``reason`` code that is counted and reported, never a crash.
+* :class:`LocalProtocolError` — our own code misused an API.
+* :class:`BrokerUnreachable` — no node of the broker URL list answered.
+"""
+
+from __future__ import annotations
+
+
+class EdgewardError(Exception):
+    """Base of every error edgeward raises on purpose."""
+
+
+class RemoteProtocolError(EdgewardError):
+    """A peer sent something we refuse. ``reason`` is a counter label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class LocalProtocolError(EdgewardError):
+    """Our own code used an API the wrong way."""
+
+
+class BrokerUnreachable(EdgewardError):
+    """No node of the configured broker answered."""
+
+    def __init__(self, addresses: list[str], detail: str) -> None:
+        super().__init__(f"broker unreachable at {', '.join(addresses)}: {detail}")
+        self.addresses = addresses
+        self.detail = detail

@@ -1,0 +1,69 @@
+"""Names and declarations of everything edgeward keeps on the broker.
+
+``edgeward.policy``  fanout exchange -> stream queue of the same name.  The
+    control plane publishes signed bundles to the exchange; agents read the
+    stream from their own stored offset.  Retention by age and bytes.  (The
+    exchange lets cheap per-device notify queues bind beside the stream
+    later, if the simulator shows stream readers cost too much.)
+``edgeward.telemetry``  topic exchange, routing keys
+    ``telemetry.<device>.<kind>``.
+``edgeward.heartbeats``  classic queue bound to ``telemetry.*.heartbeat``:
+    latest-wins state, bounded, oldest dropped first; the control plane
+    consumes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+POLICY_EXCHANGE = "edgeward.policy"
+POLICY_STREAM = "edgeward.policy"
+TELEMETRY_EXCHANGE = "edgeward.telemetry"
+HEARTBEAT_QUEUE = "edgeward.heartbeats"
+
+
+def heartbeat_routing_key(device: str) -> str:
+    return f"telemetry.{device}.heartbeat"
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Retention of the policy stream.  A stream drops whole segments, so
+    ``segment_bytes`` bounds how precisely ``max_bytes`` is kept."""
+
+    max_age: str = "30D"
+    max_bytes: int = 1024**3
+    segment_bytes: int = 16 * 1024**2
+
+    def arguments(self) -> dict[str, object]:
+        return {
+            "x-queue-type": "stream",
+            "x-max-age": self.max_age,
+            "x-max-length-bytes": self.max_bytes,
+            "x-stream-max-segment-size-bytes": self.segment_bytes,
+        }
+
+
+HEARTBEAT_QUEUE_ARGS = {
+    "x-max-length": 200_000,
+    "x-overflow": "drop-head",
+    "x-message-ttl": 10 * 60 * 1000,
+}
+
+
+def declare(channel: BlockingChannel, retention: Retention | None = None) -> None:
+    """Declare the topology; idempotent for the same arguments."""
+    retention = retention or Retention()
+    channel.exchange_declare(POLICY_EXCHANGE, exchange_type="fanout", durable=True)
+    channel.queue_declare(POLICY_STREAM, durable=True, arguments=retention.arguments())
+    channel.queue_bind(POLICY_STREAM, POLICY_EXCHANGE)
+    channel.exchange_declare(TELEMETRY_EXCHANGE, exchange_type="topic", durable=True)
+    channel.queue_declare(HEARTBEAT_QUEUE, durable=True, arguments=HEARTBEAT_QUEUE_ARGS)
+    channel.queue_bind(HEARTBEAT_QUEUE, TELEMETRY_EXCHANGE, routing_key="telemetry.*.heartbeat")
+
+
+def policy_properties() -> pika.BasicProperties:
+    return pika.BasicProperties(content_type="application/cbor", delivery_mode=2)

@@ -1,0 +1,227 @@
+"""The envelope codec: what crosses the broker, and how it is checked.
+
+Every body is a CBOR map with ``v`` (schema version) and ``kind``.  Decoding
+never raises anything but :class:`RemoteProtocolError`, whose ``reason`` is a
+short label that callers count.
+
+Kinds (schema version 1):
+
+``bundle``  (policy stream, control plane -> devices)
+    ``{v, kind, key_id, sig, body}`` where ``body`` is the CBOR encoding of
+    ``{v, kind="revision", revision, issued_at, mode, policies, deleted, sha256}`` and ``sig``
+    the Ed25519 signature of exactly those bytes.  ``mode`` is ``delta``
+    (``policies`` are the documents added or changed by this revision,
+    ``deleted`` the names removed) or ``snapshot`` (``policies`` is the whole
+    fleet state, ``deleted`` empty).  ``sha256`` is the digest of the whole
+    fleet state after the revision (:func:`edgeward.enforcement.digest.state_digest`).
+
+``heartbeat``  (telemetry exchange, device -> control plane)
+    ``{v, kind, device, time, revision, applied_revision, hash, status,
+    rejected, gaps, awaiting_snapshot}``: what the device actually enforces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from .errors import RemoteProtocolError
+
+SCHEMA_VERSION = 1
+CONTENT_TYPE = "application/cbor"
+#: Largest body we encode or accept. Policies are small; anything bigger is
+#: refused before it is parsed.
+MAX_BODY_BYTES = 1024 * 1024
+MODES = ("delta", "snapshot")
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    data = cbor2.dumps(obj, canonical=True)
+    if len(data) > MAX_BODY_BYTES:
+        raise ValueError(f"message of {len(data)} bytes exceeds {MAX_BODY_BYTES}")
+    return data
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """Decode one body into a map with a known version, or refuse it."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise RemoteProtocolError("malformed", "body is not bytes")
+    if len(data) > MAX_BODY_BYTES:
+        raise RemoteProtocolError("too_large", f"{len(data)} bytes")
+    try:
+        obj = cbor2.loads(bytes(data))
+    except Exception as exc:  # cbor2 raises several types for garbage
+        raise RemoteProtocolError("malformed", f"not CBOR: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("malformed", "body is not a map")
+    if obj.get("v") != SCHEMA_VERSION:
+        raise RemoteProtocolError("unknown_version", repr(obj.get("v")))
+    if not isinstance(obj.get("kind"), str):
+        raise RemoteProtocolError("malformed", "no kind")
+    return obj
+
+
+def _require(obj: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
+    value = obj.get(name)
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise RemoteProtocolError("malformed", f"field {name!r} missing or of the wrong type")
+    return value
+
+
+@dataclass(frozen=True)
+class SignedBundle:
+    """The outer, signed envelope of a bundle; ``body`` is still encoded."""
+
+    key_id: str
+    sig: bytes
+    body: bytes
+
+    def encode(self) -> bytes:
+        return encode(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": "bundle",
+                "key_id": self.key_id,
+                "sig": self.sig,
+                "body": self.body,
+            }
+        )
+
+    @classmethod
+    def from_message(cls, obj: dict[str, Any]) -> SignedBundle:
+        if obj.get("kind") != "bundle":
+            raise RemoteProtocolError("unknown_kind", repr(obj.get("kind")))
+        return cls(
+            key_id=_require(obj, "key_id", str),
+            sig=bytes(_require(obj, "sig", bytes)),
+            body=bytes(_require(obj, "body", bytes)),
+        )
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One fleet revision: a delta against the previous one, or a snapshot."""
+
+    revision: int
+    issued_at: float
+    mode: str
+    policies: tuple[dict[str, Any], ...]
+    sha256: str
+    deleted: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if self.revision < 1:
+            raise ValueError("revision starts at 1")
+
+    def encode_body(self) -> bytes:
+        return encode(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": "revision",
+                "revision": self.revision,
+                "issued_at": self.issued_at,
+                "mode": self.mode,
+                "policies": list(self.policies),
+                "deleted": list(self.deleted),
+                "sha256": self.sha256,
+            }
+        )
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> Bundle:
+        obj = decode(body)
+        if obj["kind"] != "revision":
+            raise RemoteProtocolError("unknown_kind", f"signed body of kind {obj['kind']!r}")
+        revision = _require(obj, "revision", int)
+        mode = _require(obj, "mode", str)
+        if mode not in MODES or revision < 1:
+            raise RemoteProtocolError("malformed", f"mode {mode!r} revision {revision!r}")
+        policies = _require(obj, "policies", list)
+        deleted = _require(obj, "deleted", list)
+        if not all(isinstance(p, dict) and _policy_name(p) for p in policies):
+            raise RemoteProtocolError("malformed", "a policy without metadata.name")
+        if not all(isinstance(n, str) for n in deleted):
+            raise RemoteProtocolError("malformed", "deleted names must be strings")
+        return cls(
+            revision=revision,
+            issued_at=float(_require(obj, "issued_at", int | float)),
+            mode=mode,
+            policies=tuple(policies),
+            deleted=tuple(deleted),
+            sha256=_require(obj, "sha256", str),
+        )
+
+
+def _policy_name(doc: dict[str, Any]) -> str | None:
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def policy_name(doc: dict[str, Any]) -> str:
+    name = _policy_name(doc)
+    if name is None:
+        raise RemoteProtocolError("malformed", "a policy without metadata.name")
+    return name
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What a device reports it actually enforces."""
+
+    device: str
+    time: float
+    revision: int
+    applied_revision: int
+    hash: str
+    status: str
+    rejected: dict[str, int] = field(default_factory=dict)
+    gaps: int = 0
+    awaiting_snapshot: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+    def encode(self) -> bytes:
+        return encode(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": "heartbeat",
+                "device": self.device,
+                "time": self.time,
+                "revision": self.revision,
+                "applied_revision": self.applied_revision,
+                "hash": self.hash,
+                "status": self.status,
+                "rejected": dict(self.rejected),
+                "gaps": self.gaps,
+                "awaiting_snapshot": self.awaiting_snapshot,
+                "labels": dict(self.labels),
+                "error": self.error,
+            }
+        )
+
+    @classmethod
+    def from_message(cls, obj: dict[str, Any]) -> Heartbeat:
+        if obj.get("kind") != "heartbeat":
+            raise RemoteProtocolError("unknown_kind", repr(obj.get("kind")))
+        rejected = obj.get("rejected", {})
+        labels = obj.get("labels", {})
+        if not isinstance(rejected, dict) or not isinstance(labels, dict):
+            raise RemoteProtocolError("malformed", "rejected/labels must be maps")
+        return cls(
+            device=_require(obj, "device", str),
+            time=float(_require(obj, "time", int | float)),
+            revision=_require(obj, "revision", int),
+            applied_revision=_require(obj, "applied_revision", int),
+            hash=_require(obj, "hash", str),
+            status=_require(obj, "status", str),
+            rejected={str(k): int(v) for k, v in rejected.items()},
+            gaps=int(obj.get("gaps", 0)),
+            awaiting_snapshot=bool(obj.get("awaiting_snapshot", False)),
+            labels={str(k): str(v) for k, v in labels.items()},
+            error=str(obj.get("error", "")),
+        )
