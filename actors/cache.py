@@ -1,0 +1,62 @@
+"""The agent's disk cache: one sqlitedict file, one record, one write.
+
+The record is the agent core's :class:`CacheRecord`; it is stored as CBOR
+(not pickle: the cache is data, never code) and committed before the
+delivery behind it is acked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cbor2
+from sqlitedict import SqliteDict
+
+from .core import CacheRecord
+
+_KEY = "policy"
+
+
+class AgentCache:
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "cache.sqlite"
+        self._db = SqliteDict(
+            str(self.path),
+            tablename="agent",
+            encode=cbor2.dumps,
+            decode=cbor2.loads,
+            autocommit=False,
+            outer_stack=False,
+        )
+
+    def load(self) -> CacheRecord | None:
+        try:
+            raw = self._db.get(_KEY)
+        except Exception:  # a damaged file: start empty, the core counts it
+            return None
+        if not isinstance(raw, dict):
+            return None
+        try:
+            return CacheRecord(
+                revision=int(raw["revision"]),
+                offset=raw["offset"],
+                applied_revision=int(raw["applied_revision"]),
+                fleet=tuple(raw["fleet"]),
+                bundle=bytes(raw["bundle"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def store(self, record: CacheRecord) -> None:
+        self._db[_KEY] = {
+            "revision": record.revision,
+            "offset": record.offset,
+            "applied_revision": record.applied_revision,
+            "fleet": list(record.fleet),
+            "bundle": record.bundle,
+        }
+        self._db.commit(blocking=True)
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,494 @@
+"""``edgeward``: the one command line.
+
+Exit codes come from one place (:data:`EXIT`): 0 ok, 2 bad input, 3 control
+plane or broker unreachable, 1 anything else, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeward.enforcement.policy import PolicyValidationError, load_policy_files
+from edgeward.transport.errors import BrokerUnreachable
+
+from . import messages as m
+from .config import (
+    AgentConfig,
+    admin_port_from_env,
+    broker_url_from_env,
+    home_from_env,
+)
+
+EXIT = {"ok": 0, "error": 1, "bad_input": 2, "unreachable": 3, "interrupted": 130}
+
+DEVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class CliError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _reply_value(reply: m.Reply) -> Any:
+    if reply.ok:
+        return reply.value
+    code = {m.BAD_INPUT: "bad_input", m.UNREACHABLE: "unreachable"}.get(reply.code, "error")
+    raise CliError(code, reply.error)
+
+
+# -- output ------------------------------------------------------------------
+
+
+def ago(ts: float | None, now: float | None = None) -> str:
+    if ts is None:
+        return "never"
+    delta = max(0.0, (now or time.time()) - ts)
+    if delta < 60:
+        return f"{delta:.0f}s ago"
+    if delta < 3600:
+        return f"{delta / 60:.0f}m ago"
+    return f"{delta / 3600:.1f}h ago"
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def emit(args: argparse.Namespace, rows: list[dict], render: Callable[[list[dict]], str]) -> None:
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        print(render(rows) if rows else "(none)")
+
+
+# -- verbs -----------------------------------------------------------------------
+
+
+def cmd_broker_up(args: argparse.Namespace) -> int:
+    from edgeward.transport import topology
+    from edgeward.transport.connection import connect_blocking, redact, split_urls
+
+    urls = split_urls(args.broker_url)
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            conn = connect_blocking(urls, name="edgeward-cli")
+            break
+        except BrokerUnreachable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1)
+    try:
+        topology.declare(conn.channel(), _retention(args))
+    finally:
+        conn.close()
+    print(f"broker ready at {', '.join(redact(u) for u in urls)}; topology declared")
+    return 0
+
+
+def _retention(args: argparse.Namespace):
+    from edgeward.transport.topology import Retention
+
+    return Retention(args.retention_max_age, args.retention_max_bytes, args.retention_segment_bytes)
+
+
+def _settings(args: argparse.Namespace) -> m.Settings:
+    return m.Settings(
+        home=str(Path(args.home).resolve()),
+        broker_url=args.broker_url,
+        snapshot_every=args.snapshot_every,
+        snapshot_cooldown=args.snapshot_cooldown,
+        offline_after=args.offline_after,
+        retention_max_age=args.retention_max_age,
+        retention_max_bytes=args.retention_max_bytes,
+        retention_segment_bytes=args.retention_segment_bytes,
+    )
+
+
+def cmd_control_plane_run(args: argparse.Namespace) -> int:
+    from edgeward.transport.connection import split_urls
+
+    from .control import describe_broker
+    from .runtime import ControlPlane, admin_address, port_open
+
+    split_urls(args.broker_url)  # refuse a bad URL before starting anything
+    if port_open(args.admin_port):
+        raise CliError(
+            "error", f"port {admin_address(args.admin_port)} is taken (another control plane?)"
+        )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    plane = ControlPlane(_settings(args), args.admin_port)
+    try:
+        status = plane.start()
+        announced = False
+        while not stop.is_set():
+            if status.get("connected"):
+                if not announced:
+                    print(
+                        f"control plane ready: admin {admin_address(args.admin_port)}, "
+                        f"broker {describe_broker(args.broker_url)}, home {args.home}",
+                        flush=True,
+                    )
+                    announced = True
+            elif not announced:
+                print(f"waiting for the broker: {status.get('error', '')}", flush=True)
+            stop.wait(2.0 if announced else 1.0)
+            if not announced and not stop.is_set():
+                status = plane.link_status()
+    finally:
+        plane.stop()
+    print("control plane stopped", flush=True)
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    if not DEVICE_NAME.match(args.device):
+        raise CliError(
+            "bad_input",
+            f"device name {args.device!r}: use lower-case letters, digits and '-' (at most 63)",
+        )
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError("bad_input", f"--label {item!r}: expected key=value")
+        labels[key] = value
+    client = Client(args.admin_port)
+    keys = _reply_value(client.distributor(m.SigningIdentity()))
+    _reply_value(client.mirror(m.Enroll(args.device, tuple(sorted(labels.items())))))
+    cache_dir = args.cache_dir or str(Path(args.home).resolve() / "devices" / args.device)
+    config = AgentConfig(
+        device=args.device,
+        labels=labels,
+        broker_url=args.broker_url,
+        cache_dir=str(Path(cache_dir).resolve()),
+        trusted_keys=keys,
+        heartbeat_interval=args.heartbeat_interval,
+    )
+    config.write(Path(args.out))
+    print(f"enrolled {args.device} ({labels_text(labels)}); agent config written to {args.out}")
+    return 0
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    from .agent import run_agent
+
+    return run_agent(Path(args.config))
+
+
+def _load(paths: list[str]) -> tuple[list[dict], list[str]]:
+    policies = load_policy_files(paths)
+    return [p.document for p in policies], [f"{p.name}" for p in policies]
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    docs, names = _load(args.files)  # exit 2 before anything is sent
+    client = Client(args.admin_port)
+    result = _reply_value(client.distributor(m.ApplyPolicies(tuple(docs), tuple(args.files))))
+    if not result["changed"] and not result["deleted"]:
+        print(f"no change: revision {result['revision']} already holds {', '.join(names)}")
+    else:
+        print(f"revision {result['revision']} published: {', '.join(result['changed'])}")
+    return 0
+
+
+def cmd_policy_delete(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    result = _reply_value(Client(args.admin_port).distributor(m.DeletePolicy(args.name)))
+    print(f"revision {result['revision']} published: deleted {args.name}")
+    return 0
+
+
+def cmd_policy_rollback(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    result = _reply_value(Client(args.admin_port).distributor(m.Rollback(args.revision)))
+    if not result["changed"] and not result["deleted"]:
+        print(f"no change: the fleet already holds revision {args.revision}'s policies")
+    else:
+        print(f"revision {result['revision']} published: content of revision {args.revision}")
+    return 0
+
+
+def cmd_policy_snapshot(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    result = _reply_value(Client(args.admin_port).distributor(m.PublishSnapshot()))
+    print(f"snapshot of revision {result['snapshot']} published")
+    return 0
+
+
+def cmd_policy_list(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    rows = _reply_value(Client(args.admin_port).distributor(m.ListPolicies()))
+    emit(
+        args,
+        rows,
+        lambda rs: table(
+            [
+                (r["name"], r["kind"], r["revision"], labels_text(r["selector"]), r["action"])
+                for r in rs
+            ],
+            ["NAME", "KIND", "REVISION", "SELECTOR", "ACTION"],
+        ),
+    )
+    return 0
+
+
+def cmd_policy_history(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    rows = _reply_value(Client(args.admin_port).distributor(m.History()))
+    emit(
+        args,
+        rows,
+        lambda rs: table(
+            [
+                (
+                    r["revision"],
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["issued_at"])),
+                    shorten(r["summary"], 60),
+                    r["policies"],
+                    "yes" if r["published"] else "no",
+                    r["digest"][:12],
+                )
+                for r in rs
+            ],
+            ["REVISION", "ISSUED", "CHANGE", "POLICIES", "PUBLISHED", "DIGEST"],
+        ),
+    )
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    rows = _reply_value(Client(args.admin_port).mirror(m.ListDevices(args.state)))
+    now = time.time()
+    emit(
+        args,
+        rows,
+        lambda rs: table(
+            [
+                (
+                    r["device"],
+                    labels_text(r["labels"]),
+                    r["desired_revision"],
+                    r["reported_revision"],
+                    r["state"],
+                    ago(r["last_seen"], now),
+                )
+                for r in rs
+            ],
+            ["DEVICE", "LABELS", "DESIRED", "REPORTED", "STATE", "LAST SEEN"],
+        ),
+    )
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--broker-url",
+        default=broker_url_from_env(),
+        help="AMQP URL of the broker; a comma-separated list names the nodes of one cluster "
+        "(env EDGEWARD_BROKER_URL; default %(default)s)",
+    )
+    common.add_argument(
+        "--home",
+        default=str(home_from_env()),
+        help="control-plane state: keys, SQLite store, device caches "
+        "(env EDGEWARD_HOME; default %(default)s)",
+    )
+    common.add_argument(
+        "--admin-port",
+        type=int,
+        default=admin_port_from_env(),
+        help="Thespian admin port of the control plane (env EDGEWARD_ADMIN_PORT; "
+        "default %(default)s)",
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print a JSON array for scripts")
+    retention = argparse.ArgumentParser(add_help=False)
+    retention.add_argument(
+        "--retention-max-age",
+        default="30D",
+        help="policy stream retention by age (default %(default)s)",
+    )
+    retention.add_argument(
+        "--retention-max-bytes",
+        type=int,
+        default=1024**3,
+        help="policy stream retention by size (default %(default)s)",
+    )
+    retention.add_argument(
+        "--retention-segment-bytes",
+        type=int,
+        default=16 * 1024**2,
+        help="stream segment size; retention drops whole segments (default %(default)s)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="edgeward",
+        description="Edge-first runtime security: signed KubeArmor policies to offline-first "
+        "devices over RabbitMQ.",
+        epilog="Exit codes: 0 ok, 1 error, 2 bad input, 3 control plane or broker unreachable.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    broker = verbs.add_parser("broker", help="the RabbitMQ side").add_subparsers(
+        dest="sub", required=True, metavar="ACTION"
+    )
+    up = broker.add_parser(
+        "up", parents=[common, retention], help="check the broker answers and declare the topology"
+    )
+    up.add_argument(
+        "--wait", type=float, default=0.0, help="keep trying this many seconds before giving up"
+    )
+    up.set_defaults(func=cmd_broker_up)
+
+    cp = verbs.add_parser("control-plane", help="the central control plane").add_subparsers(
+        dest="sub", required=True, metavar="ACTION"
+    )
+    run = cp.add_parser(
+        "run", parents=[common, retention], help="run the control plane's actors in the foreground"
+    )
+    run.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=10,
+        help="publish a full snapshot every N revisions (default %(default)s)",
+    )
+    run.add_argument(
+        "--snapshot-cooldown",
+        type=float,
+        default=5.0,
+        help="at most one device-requested snapshot per this many seconds",
+    )
+    run.add_argument(
+        "--offline-after",
+        type=float,
+        default=45.0,
+        help="seconds of silence before a device counts as offline (default %(default)s)",
+    )
+    run.set_defaults(func=cmd_control_plane_run)
+
+    enroll = verbs.add_parser(
+        "enroll", parents=[common], help="register a device and write its agent config"
+    )
+    enroll.add_argument("device", help="device name (lower-case letters, digits, '-')")
+    enroll.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label policies can select on; repeat for more",
+    )
+    enroll.add_argument("--out", required=True, help="where to write the agent config")
+    enroll.add_argument("--cache-dir", help="the agent's cache (default HOME/devices/DEVICE)")
+    enroll.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=10.0,
+        help="seconds between heartbeats (default %(default)s)",
+    )
+    enroll.set_defaults(func=cmd_enroll)
+
+    agent = verbs.add_parser("agent", help="the device agent").add_subparsers(
+        dest="sub", required=True, metavar="ACTION"
+    )
+    arun = agent.add_parser("run", help="run one device agent in the foreground")
+    arun.add_argument("--config", required=True, help="the file `edgeward enroll` wrote")
+    arun.set_defaults(func=cmd_agent_run)
+
+    policy = verbs.add_parser("policy", help="fleet policies").add_subparsers(
+        dest="sub", required=True, metavar="ACTION"
+    )
+    apply = policy.add_parser(
+        "apply", parents=[common], help="validate, sign and publish policies (multi-document YAML)"
+    )
+    apply.add_argument("files", nargs="+", metavar="FILE")
+    apply.set_defaults(func=cmd_policy_apply)
+    delete = policy.add_parser("delete", parents=[common], help="remove a policy from the fleet")
+    delete.add_argument("name")
+    delete.set_defaults(func=cmd_policy_delete)
+    plist = policy.add_parser("list", parents=[common, as_json], help="policies in force now")
+    plist.set_defaults(func=cmd_policy_list)
+    hist = policy.add_parser("history", parents=[common, as_json], help="every fleet revision")
+    hist.set_defaults(func=cmd_policy_history)
+    rb = policy.add_parser(
+        "rollback", parents=[common], help="publish a new revision whose content equals REVISION's"
+    )
+    rb.add_argument("revision", type=int)
+    rb.set_defaults(func=cmd_policy_rollback)
+    snap = policy.add_parser(
+        "snapshot", parents=[common], help="publish a full snapshot of the fleet state now"
+    )
+    snap.set_defaults(func=cmd_policy_snapshot)
+
+    devices = verbs.add_parser(
+        "devices", parents=[common, as_json], help="desired versus reported state of every device"
+    )
+    devices.add_argument(
+        "--state", help="only devices in this state (in_sync, pending, offline, failed, unknown)"
+    )
+    devices.set_defaults(func=cmd_devices)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .runtime import ControlPlaneUnreachable
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PolicyValidationError as exc:
+        print(f"edgeward: refused, nothing was published:\n{exc}", file=sys.stderr)
+        return EXIT["bad_input"]
+    except CliError as exc:
+        print(f"edgeward: {exc}", file=sys.stderr)
+        return EXIT[exc.code]
+    except (ControlPlaneUnreachable, BrokerUnreachable) as exc:
+        print(f"edgeward: {exc}", file=sys.stderr)
+        return EXIT["unreachable"]
+    except ValueError as exc:
+        print(f"edgeward: {exc}", file=sys.stderr)
+        return EXIT["bad_input"]
+    except KeyboardInterrupt:
+        return EXIT["interrupted"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Configuration: environment, defaults, and the agent's config file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from edgeward.transport.connection import DEFAULT_BROKER_URL
+
+DEFAULT_ADMIN_PORT = 1900
+
+
+def broker_url_from_env() -> str:
+    return os.environ.get("EDGEWARD_BROKER_URL") or DEFAULT_BROKER_URL
+
+
+def home_from_env() -> Path:
+    value = os.environ.get("EDGEWARD_HOME")
+    return Path(value) if value else Path(platformdirs.user_data_dir("edgeward"))
+
+
+def admin_port_from_env() -> int:
+    value = os.environ.get("EDGEWARD_ADMIN_PORT")
+    return int(value) if value else DEFAULT_ADMIN_PORT
+
+
+@dataclass
+class AgentConfig:
+    """What ``edgeward enroll`` writes and ``edgeward agent run`` reads."""
+
+    device: str
+    labels: dict[str, str]
+    broker_url: str
+    cache_dir: str
+    trusted_keys: dict[str, str]  # key id -> base64 raw Ed25519 public key
+    heartbeat_interval: float = 10.0
+    prefetch: int = 64
+    backend: str = "builtin"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(self), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: Path) -> AgentConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}")
+        missing = [
+            k
+            for k in ("device", "labels", "broker_url", "cache_dir", "trusted_keys")
+            if k not in data
+        ]
+        if missing:
+            raise ValueError(f"{path}: missing keys {missing}")
+        return cls(**data)

@@ -1,0 +1,612 @@
+"""The control plane's actors (Thespian, ``multiprocTCPBase``).
+
+* :class:`PolicyDistributor` — validates, numbers, signs and publishes fleet
+  revisions (and snapshots); keeps the revision history in SQLite.
+* :class:`DeviceMirror` — enrolled devices, desired versus reported state.
+* :class:`BrokerLink` — owns the AMQP connection for both.
+
+How pika lives inside Thespian: the BrokerLink owns a pika
+``BlockingConnection`` and never blocks waiting for input.  Every handler
+returns ``ThespianWatch([socket fd])`` so that Thespian wakes it when the
+broker sends something, and it re-arms ``wakeupAfter`` to service heartbeats
+and reconnects.  No thread is started behind Thespian's back.  Publishing a
+bundle waits for its confirm inside the handler (a few milliseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pika.exceptions
+from thespian.actors import (
+    ActorExitRequest,
+    ActorTypeDispatcher,
+    ThespianWatch,
+    WakeupMessage,
+    WatchMessage,
+)
+
+from edgeward.enforcement.policy import PolicyValidationError, parse_policies
+from edgeward.transport import topology
+from edgeward.transport.connection import Backoff, connect_blocking, redact, split_urls
+from edgeward.transport.errors import BrokerUnreachable, RemoteProtocolError
+from edgeward.transport.signing import Signer
+from edgeward.transport.wire import Bundle, Heartbeat, decode
+
+from . import messages as m
+from .fleet import STATES, Desired, advance, desired_for, device_state
+from .store import Store
+
+log = logging.getLogger("edgeward.control")
+
+DISTRIBUTOR = "edgeward-policy-distributor"
+MIRROR = "edgeward-device-mirror"
+LINK = "edgeward-broker-link"
+
+
+def store_path(home: str) -> Path:
+    return Path(home) / "control.sqlite"
+
+
+def key_path(home: str) -> Path:
+    return Path(home) / "keys" / "signing.pem"
+
+
+class _Configured(ActorTypeDispatcher):
+    settings: m.Settings | None = None
+
+    def receiveMsg_Status(self, msg: m.Status, sender: Any) -> None:
+        self.send(sender, m.Reply(self.settings is not None, self.status()))
+
+    def status(self) -> dict[str, Any]:
+        return {"configured": self.settings is not None}
+
+    def not_configured(self, sender: Any) -> None:
+        self.send(sender, m.Reply.fail(m.FAILED, "control plane is still starting"))
+
+    def receiveUnrecognizedMessage(self, msg: Any, sender: Any) -> None:
+        if not isinstance(msg, ActorExitRequest | WakeupMessage):
+            log.warning("%s dropped a message it does not know: %r", type(self).__name__, msg)
+
+
+# -- BrokerLink --------------------------------------------------------------
+
+
+class BrokerLink(_Configured):
+    HEARTBEAT_PREFETCH = 500
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conn: Any = None
+        self.channel: Any = None
+        self.urls: list[str] = []
+        self.mirror: Any = None
+        self.backoff = Backoff(base=0.5, cap=10.0)
+        self.retry_at = 0.0
+        self.batch: list[dict] = []
+        self.malformed = 0
+        self.last_tag = 0
+        self.last_error = ""
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "configured": self.settings is not None,
+            "connected": self.conn is not None,
+            "error": self.last_error,
+        }
+
+    def receiveMsg_Configure(self, msg: m.Configure, sender: Any) -> ThespianWatch:
+        self.settings = msg.settings
+        self.urls = split_urls(msg.settings.broker_url)
+        self.mirror = msg.mirror
+        self._ensure_connected()
+        self.wakeupAfter(0.5)
+        self.send(sender, m.Reply(True, self.status()))
+        return self._watch()
+
+    def receiveMsg_Status(self, msg: m.Status, sender: Any) -> ThespianWatch:
+        if self.settings is not None:
+            self._ensure_connected()
+        self.send(
+            sender, m.Reply(self.settings is not None and self.conn is not None, self.status())
+        )
+        return self._watch()
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> ThespianWatch:
+        if self.settings is not None:
+            self._ensure_connected()
+            self._pump()
+            self.wakeupAfter(0.5)
+        return self._watch()
+
+    def receiveMsg_WatchMessage(self, msg: WatchMessage, sender: Any) -> ThespianWatch:
+        self._pump()
+        return self._watch()
+
+    def receiveMsg_Publish(self, msg: m.Publish, sender: Any) -> ThespianWatch:
+        self._ensure_connected(now=True)
+        if self.channel is None:
+            self.send(sender, m.Published(msg.token, False, self.last_error or "not connected"))
+            return self._watch()
+        try:
+            self.channel.basic_publish(
+                topology.POLICY_EXCHANGE,
+                "",
+                msg.body,
+                topology.policy_properties(),
+                mandatory=True,
+            )
+        except pika.exceptions.UnroutableError:
+            self.send(sender, m.Published(msg.token, False, "policy stream missing"))
+        except pika.exceptions.NackError:
+            self.send(sender, m.Published(msg.token, False, "broker refused the bundle"))
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            self._lost(exc)
+            self.send(sender, m.Published(msg.token, False, f"broker connection lost: {exc}"))
+        else:
+            self.send(sender, m.Published(msg.token, True))
+        self._pump()
+        return self._watch()
+
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
+        self._flush()
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # closing a broken connection: nothing to save
+                pass
+        self.conn = self.channel = None
+
+    # -- connection ----------------------------------------------------------
+
+    def _watch(self) -> ThespianWatch:
+        if self.conn is None:
+            return ThespianWatch([])
+        try:
+            return ThespianWatch([self.conn._impl._transport._sock.fileno()])
+        except AttributeError:  # pika internals moved: fall back to wakeups
+            return ThespianWatch([])
+
+    def _ensure_connected(self, now: bool = False) -> None:
+        if self.conn is not None or (not now and time.monotonic() < self.retry_at):
+            return
+        try:
+            conn = connect_blocking(self.urls, name="edgeward-control-plane")
+            channel = conn.channel()
+            assert self.settings is not None
+            s = self.settings
+            topology.declare(
+                channel,
+                topology.Retention(
+                    s.retention_max_age, s.retention_max_bytes, s.retention_segment_bytes
+                ),
+            )
+            channel.confirm_delivery()
+            channel.basic_qos(prefetch_count=self.HEARTBEAT_PREFETCH)
+            channel.basic_consume(topology.HEARTBEAT_QUEUE, self._on_heartbeat)
+        except BrokerUnreachable as exc:
+            self.last_error = str(exc)
+            self.retry_at = time.monotonic() + self.backoff.next_delay()
+            log.warning("%s", exc)
+            return
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            self.last_error = f"broker setup failed: {exc!r}"
+            self.retry_at = time.monotonic() + self.backoff.next_delay()
+            log.warning("%s", self.last_error)
+            return
+        self.conn, self.channel = conn, channel
+        self.backoff.reset()
+        self.last_error = ""
+        log.info("connected to the broker")
+
+    def _lost(self, exc: BaseException) -> None:
+        self.last_error = f"connection lost: {exc!r}"
+        log.warning("%s", self.last_error)
+        try:
+            if self.conn is not None and self.conn.is_open:
+                self.conn.close()
+        except Exception:
+            pass
+        self.conn = self.channel = None
+        self.retry_at = time.monotonic() + self.backoff.next_delay()
+
+    def _pump(self) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.conn.process_data_events(time_limit=0)
+            self._flush()
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            self._lost(exc)
+
+    def _on_heartbeat(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        try:
+            self.batch.append(asdict(Heartbeat.from_message(decode(body))))
+        except RemoteProtocolError:
+            self.malformed += 1
+        self.last_tag = method.delivery_tag
+
+    def _flush(self) -> None:
+        if self.batch or self.malformed:
+            self.send(self.mirror, m.Heartbeats(tuple(self.batch), self.malformed))
+            self.batch, self.malformed = [], 0
+        if self.last_tag and self.channel is not None:
+            self.channel.basic_ack(self.last_tag, multiple=True)
+            self.last_tag = 0
+
+
+# -- PolicyDistributor ---------------------------------------------------------
+
+
+class PolicyDistributor(_Configured):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: Store | None = None
+        self.signer: Signer | None = None
+        self.link: Any = None
+        self.mirror: Any = None
+        self.token = 0
+        self.in_flight: dict[int, tuple[Any, int, str]] = {}
+        self.waiting: deque[tuple[Any, Any]] = deque()
+        self.last_snapshot_request = 0.0
+
+    def receiveMsg_Configure(self, msg: m.Configure, sender: Any) -> None:
+        self.settings = msg.settings
+        self.store = Store(store_path(msg.settings.home))
+        self.signer = Signer.load_or_create(key_path(msg.settings.home))
+        self.link, self.mirror = msg.link, msg.mirror
+        for rev in self.store.unpublished():  # a crash between store and confirm
+            self._publish(rev.revision, "delta", None)
+        self.send(sender, m.Reply(True, self.status()))
+
+    def receiveMsg_SigningIdentity(self, msg: m.SigningIdentity, sender: Any) -> None:
+        if self.signer is None:
+            return self.not_configured(sender)
+        self.send(sender, m.Reply(True, {self.signer.key_id: self.signer.public_b64}))
+
+    # Changes are serialised: one revision in flight at a time.
+    def _busy(self, msg: Any, sender: Any) -> bool:
+        if self.settings is None:
+            self.not_configured(sender)
+            return True
+        if self._busy_now():
+            self.waiting.append((msg, sender))
+            return True
+        return False
+
+    def receiveMsg_ApplyPolicies(self, msg: m.ApplyPolicies, sender: Any) -> None:
+        if self._busy(msg, sender):
+            return
+        docs: dict[str, dict] = {}
+        problems = []
+        for i, doc in enumerate(msg.documents):
+            source = msg.sources[i] if i < len(msg.sources) else f"document {i + 1}"
+            try:
+                (policy,) = parse_policies(json.dumps(doc), source)
+            except PolicyValidationError as exc:
+                problems.append(str(exc))
+                continue
+            except ValueError:
+                problems.append(f"{source}: expected exactly one document")
+                continue
+            docs[policy.name] = policy.document
+        if problems:
+            return self.send(sender, m.Reply.fail(m.BAD_INPUT, "\n".join(problems)))
+        current = self._state()
+        changed = sorted(n for n, d in docs.items() if current.get(n) != d)
+        state = {**current, **docs}
+        self._new_revision(sender, "apply", f"apply {', '.join(changed)}", state, changed, [])
+
+    def receiveMsg_DeletePolicy(self, msg: m.DeletePolicy, sender: Any) -> None:
+        if self._busy(msg, sender):
+            return
+        current = self._state()
+        if msg.name not in current:
+            return self.send(sender, m.Reply.fail(m.BAD_INPUT, f"no policy named {msg.name!r}"))
+        state = {n: d for n, d in current.items() if n != msg.name}
+        self._new_revision(sender, "delete", f"delete {msg.name}", state, [], [msg.name])
+
+    def receiveMsg_Rollback(self, msg: m.Rollback, sender: Any) -> None:
+        if self._busy(msg, sender):
+            return
+        assert self.store is not None
+        target = self.store.revision(msg.revision)
+        if target is None or not target.published:
+            return self.send(
+                sender, m.Reply.fail(m.BAD_INPUT, f"no published revision {msg.revision}")
+            )
+        current = self._state()
+        changed = sorted(n for n, d in target.state.items() if current.get(n) != d)
+        deleted = sorted(set(current) - set(target.state))
+        self._new_revision(
+            sender, "rollback", f"rollback to {msg.revision}", target.state, changed, deleted
+        )
+
+    def receiveMsg_PublishSnapshot(self, msg: m.PublishSnapshot, sender: Any) -> None:
+        if self.settings is None:
+            return self.not_configured(sender)
+        assert self.store is not None
+        latest = self.store.latest()
+        if latest is None:
+            return self.send(sender, m.Reply.fail(m.BAD_INPUT, "no revision to snapshot yet"))
+        self._publish(latest.revision, "snapshot", sender)
+
+    def receiveMsg_SnapshotWanted(self, msg: m.SnapshotWanted, sender: Any) -> None:
+        assert self.settings is not None and self.store is not None
+        now = time.monotonic()
+        if now - self.last_snapshot_request < self.settings.snapshot_cooldown:
+            return
+        latest = self.store.latest()
+        if latest is not None and latest.published:
+            self.last_snapshot_request = now
+            log.info("snapshot of revision %s asked for by %s", latest.revision, msg.device)
+            self._publish(latest.revision, "snapshot", None)
+
+    def receiveMsg_ListPolicies(self, msg: m.ListPolicies, sender: Any) -> None:
+        if self.settings is None:
+            return self.not_configured(sender)
+        assert self.store is not None
+        last_changed: dict[str, int] = {}
+        latest = None
+        for rev in self.store.revisions():
+            if not rev.published:
+                continue
+            latest = rev
+            for name in rev.changed:
+                last_changed[name] = rev.revision
+        rows = []
+        for name, doc in sorted((latest.state if latest else {}).items()):
+            spec = doc.get("spec") or {}
+            selector = (spec.get("nodeSelector") or spec.get("selector") or {}).get(
+                "matchLabels", {}
+            )
+            rows.append(
+                {
+                    "name": name,
+                    "kind": doc.get("kind"),
+                    "revision": last_changed.get(name, latest.revision if latest else 0),
+                    "selector": selector,
+                    "action": spec.get("action", "Block"),
+                }
+            )
+        self.send(sender, m.Reply(True, rows))
+
+    def receiveMsg_History(self, msg: m.History, sender: Any) -> None:
+        if self.settings is None:
+            return self.not_configured(sender)
+        assert self.store is not None
+        rows = [
+            {
+                "revision": r.revision,
+                "issued_at": r.issued_at,
+                "action": r.action,
+                "summary": r.summary,
+                "policies": len(r.state),
+                "digest": r.digest,
+                "published": r.published,
+            }
+            for r in self.store.revisions()
+        ]
+        self.send(sender, m.Reply(True, rows))
+
+    def receiveMsg_Published(self, msg: m.Published, sender: Any) -> None:
+        assert self.store is not None and self.settings is not None
+        client, revision, mode = self.in_flight.pop(msg.token, (None, 0, ""))
+        if mode == "delta":
+            if msg.ok:
+                self.store.mark_published(revision)
+                rev = self.store.revision(revision)
+                assert rev is not None
+                self.send(self.mirror, m.FleetChanged(revision, rev.state))
+                if client is not None:
+                    self.send(
+                        client,
+                        m.Reply(
+                            True,
+                            {"revision": revision, "changed": rev.changed, "deleted": rev.deleted},
+                        ),
+                    )
+                if revision % self.settings.snapshot_every == 0:
+                    self._publish(revision, "snapshot", None)
+            elif client is not None:
+                # Nobody has seen it: take the number back so revisions stay dense.
+                self.store.drop_revision(revision)
+                self.send(client, m.Reply.fail(m.UNREACHABLE, msg.error))
+            else:
+                log.warning("revision %s still unpublished: %s", revision, msg.error)
+        elif client is not None:
+            if msg.ok:
+                self.send(client, m.Reply(True, {"snapshot": revision}))
+            else:
+                self.send(client, m.Reply.fail(m.UNREACHABLE, msg.error))
+        while self.waiting and not self._busy_now():
+            queued, queued_sender = self.waiting.popleft()
+            self.receiveMessage(queued, queued_sender)
+
+    def _busy_now(self) -> bool:
+        return any(mode == "delta" for _, _, mode in self.in_flight.values())
+
+    # -- helpers -------------------------------------------------------------
+
+    def _state(self) -> dict[str, dict]:
+        assert self.store is not None
+        latest = self.store.latest()
+        return dict(latest.state) if latest else {}
+
+    def _new_revision(
+        self,
+        sender: Any,
+        action: str,
+        summary: str,
+        state: dict[str, dict],
+        changed: list[str],
+        deleted: list[str],
+    ) -> None:
+        assert self.store is not None
+        if not changed and not deleted:
+            latest = self.store.latest()
+            return self.send(
+                sender,
+                m.Reply(
+                    True,
+                    {"revision": latest.revision if latest else 0, "changed": [], "deleted": []},
+                ),
+            )
+        rev = self.store.add_revision(
+            issued_at=time.time(),
+            action=action,
+            summary=summary,
+            state=state,
+            changed=changed,
+            deleted=deleted,
+        )
+        self._publish(rev.revision, "delta", sender)
+
+    def _publish(self, revision: int, mode: str, client: Any) -> None:
+        assert self.store is not None and self.signer is not None
+        rev = self.store.revision(revision)
+        assert rev is not None
+        if mode == "delta":
+            policies = tuple(rev.state[n] for n in rev.changed)
+            deleted = tuple(rev.deleted)
+        else:
+            policies = tuple(rev.state[n] for n in sorted(rev.state))
+            deleted = ()
+        bundle = Bundle(
+            revision=revision,
+            issued_at=time.time(),
+            mode=mode,
+            policies=policies,
+            deleted=deleted,
+            sha256=rev.digest,
+        )
+        self.token += 1
+        # Deltas are in flight one at a time, to keep revisions in order;
+        # snapshots never hold up a change.
+        self.in_flight[self.token] = (client, revision, mode)
+        body = self.signer.sign(bundle).encode()
+        self.send(self.link, m.Publish(body, revision, mode, self.token))
+
+
+# -- DeviceMirror --------------------------------------------------------------
+
+
+class DeviceMirror(_Configured):
+    FLUSH_SECONDS = 2.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: Store | None = None
+        self.distributor: Any = None
+        self.labels: dict[str, dict[str, str]] = {}
+        self.desired: dict[str, Desired] = {}
+        self.reported: dict[str, dict] = {}
+        self.last_seen: dict[str, float] = {}
+        self.history: list[tuple[int, dict]] = []
+        self.dirty: set[str] = set()
+        self.unknown_devices = 0
+        self.malformed = 0
+
+    def receiveMsg_Configure(self, msg: m.Configure, sender: Any) -> None:
+        self.settings = msg.settings
+        self.distributor = msg.distributor
+        self.store = Store(store_path(msg.settings.home))
+        self.history = [(r.revision, r.state) for r in self.store.revisions() if r.published]
+        for row in self.store.devices():
+            self.labels[row.device] = row.labels
+            self.desired[row.device] = desired_for(row.device, row.labels, self.history)
+            if row.reported is not None:
+                self.reported[row.device] = row.reported
+            if row.last_seen is not None:
+                self.last_seen[row.device] = row.last_seen
+        self.wakeupAfter(self.FLUSH_SECONDS)
+        self.send(sender, m.Reply(True, self.status()))
+
+    def receiveMsg_Enroll(self, msg: m.Enroll, sender: Any) -> None:
+        if self.settings is None:
+            return self.not_configured(sender)
+        assert self.store is not None
+        labels = dict(msg.labels)
+        self.store.enroll(msg.device, labels, time.time())
+        self.labels[msg.device] = labels
+        self.desired[msg.device] = desired_for(msg.device, labels, self.history)
+        self.send(sender, m.Reply(True, {"device": msg.device, "labels": labels}))
+
+    def receiveMsg_FleetChanged(self, msg: m.FleetChanged, sender: Any) -> None:
+        if self.history and self.history[-1][0] >= msg.revision:
+            return
+        self.history.append((msg.revision, msg.state))
+        for device, labels in self.labels.items():
+            self.desired[device] = advance(
+                self.desired[device], msg.revision, msg.state, device, labels
+            )
+
+    def receiveMsg_Heartbeats(self, msg: m.Heartbeats, sender: Any) -> None:
+        now = time.time()
+        self.malformed += msg.malformed
+        for hb in msg.items:
+            device = hb["device"]
+            if device not in self.labels:
+                self.unknown_devices += 1
+                continue
+            self.reported[device] = hb
+            self.last_seen[device] = now
+            self.dirty.add(device)
+            if hb.get("awaiting_snapshot") and self.distributor is not None:
+                self.send(self.distributor, m.SnapshotWanted(device))
+
+    def receiveMsg_ListDevices(self, msg: m.ListDevices, sender: Any) -> None:
+        if self.settings is None:
+            return self.not_configured(sender)
+        if msg.state is not None and msg.state not in STATES:
+            return self.send(
+                sender, m.Reply.fail(m.BAD_INPUT, f"state must be one of {', '.join(STATES)}")
+            )
+        now = time.time()
+        rows = []
+        for device in sorted(self.labels):
+            reported = self.reported.get(device)
+            desired = self.desired[device]
+            state = device_state(
+                desired, reported, self.last_seen.get(device), now, self.settings.offline_after
+            )
+            if msg.state is not None and state != msg.state:
+                continue
+            rows.append(
+                {
+                    "device": device,
+                    "labels": self.labels[device],
+                    "desired_revision": desired.revision,
+                    "reported_revision": reported.get("applied_revision") if reported else None,
+                    "state": state,
+                    "last_seen": self.last_seen.get(device),
+                    "fleet_revision": reported.get("revision") if reported else None,
+                    "rejected": reported.get("rejected", {}) if reported else {},
+                    "gaps": reported.get("gaps", 0) if reported else 0,
+                    "error": reported.get("error", "") if reported else "",
+                }
+            )
+        self.send(sender, m.Reply(True, rows))
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        self._flush()
+        self.wakeupAfter(self.FLUSH_SECONDS)
+
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.store is None or not self.dirty:
+            return
+        self.store.save_reports({d: (self.reported[d], self.last_seen[d]) for d in self.dirty})
+        self.dirty.clear()
+
+
+def describe_broker(urls: str) -> str:
+    return ", ".join(redact(u) for u in split_urls(urls))

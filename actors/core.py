@@ -1,0 +1,481 @@
+"""The agent core: one device's policy logic as a sans-IO state machine.
+
+It does no I/O and reads no clock: the host (the real agent, a simulated
+device, a test) feeds it events and carries out the effects it returns, in
+order.  The same class runs on a point-of-sale terminal and 35,000 times in
+the simulator.
+
+Rules
+-----
+1.  ``Started(cache)`` puts the cached set in force (an ``Apply`` effect)
+    before anything touches the network.  A cache whose fleet state does not
+    match the signed bundle stored with it is not trusted: the device starts
+    empty at revision 0 and counts ``cache_corrupt``.
+2.  ``LinkUp`` asks to consume the policy stream from the stored offset + 1
+    (``"first"`` when there is none).  ``LinkLost`` forgets deliveries not yet
+    handled: the broker gives them again after the next ``LinkUp``.
+3.  Every delivery is acknowledged exactly once, after it was handled, and
+    never rejected: on RabbitMQ 3.10-3.12 a nack on a stream closes the
+    connection.
+4.  A delivery that does not decode, is signed by an unknown key or not
+    signed right, or does not hold together is counted by reason, acked, and
+    changes nothing.  The set in force stays.
+5.  A delta must be exactly ``revision + 1``.  Older or equal: ``stale``.
+    Newer: a *gap* (retention dropped what the device missed).  The device
+    then waits for a snapshot, skipping deltas, says so in every heartbeat
+    (``awaiting_snapshot``; the control plane answers with a snapshot) and
+    counts the gap.
+6.  A snapshot newer than ``revision`` replaces the fleet state (and ends a
+    wait).  One equal to ``revision`` with the same digest is skipped
+    silently; any other is refused.
+7.  After a bundle the fleet state's digest must equal the bundle's signed
+    ``sha256``; if not (``digest_mismatch``) the device waits for a snapshot.
+8.  The device's set is the fleet policies whose selectors match its name
+    and labels.  If that set changed, it is applied (``Apply``) and the core
+    waits for ``ApplyResult``; deliveries arriving meanwhile queue up.  Then
+    bundle, revision, offset and fleet state are persisted in one write
+    (``Persist``), the delivery is acked, and a heartbeat goes out at once.
+9.  A failed apply leaves the previous set in force; the fleet revision
+    still moves (the bundle was good), the status is ``failed``, and the
+    apply is retried on ``Tick`` after ``retry_interval``.
+10. ``Tick(now)`` sends a heartbeat every ``heartbeat_interval`` while the
+    link is up.  Heartbeats report the digest the backend reports in force.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeward.enforcement.digest import EMPTY_DIGEST, state_digest
+from edgeward.enforcement.selector import selects
+from edgeward.transport.errors import LocalProtocolError, RemoteProtocolError
+from edgeward.transport.signing import Verifier
+from edgeward.transport.wire import Bundle, Heartbeat, SignedBundle, decode, policy_name
+
+Doc = Mapping[str, Any]
+
+# -- events ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    """What the disk cache holds; written in one piece."""
+
+    revision: int
+    offset: int | None
+    applied_revision: int
+    fleet: tuple[Doc, ...]
+    bundle: bytes  # the signed envelope of the last bundle handled
+
+
+@dataclass(frozen=True)
+class Started:
+    now: float
+    cache: CacheRecord | None = None
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    now: float
+
+
+@dataclass(frozen=True)
+class LinkLost:
+    now: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    now: float
+    tag: int
+    offset: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    now: float
+    ok: bool
+    digest: str
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+Event = Started | LinkUp | LinkLost | Delivery | ApplyResult | Tick
+
+# -- effects -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Apply:
+    policies: tuple[Doc, ...]
+    revision: int
+
+
+@dataclass(frozen=True)
+class Persist:
+    record: CacheRecord
+
+
+@dataclass(frozen=True)
+class Ack:
+    tag: int
+
+
+@dataclass(frozen=True)
+class Consume:
+    offset: int | str  # a stream offset or "first"
+
+
+@dataclass(frozen=True)
+class SendHeartbeat:
+    heartbeat: Heartbeat
+
+
+@dataclass(frozen=True)
+class Report:
+    """Something a person reading the agent's log should know."""
+
+    level: str  # "info" | "warning"
+    text: str
+
+
+Effect = Apply | Persist | Ack | Consume | SendHeartbeat | Report
+
+
+# -- selection ---------------------------------------------------------------
+
+
+def match_labels(doc: Doc) -> Mapping[str, str] | None:
+    """The node selector of a host policy; None for container policies,
+    which every device receives (the daemon matches containers itself)."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "KubeArmorPolicy":
+        return None
+    selector = spec.get("nodeSelector") or {}
+    return selector.get("matchLabels") or {}
+
+
+def select_for(fleet: Mapping[str, Doc], device: str, labels: Mapping[str, str]) -> list[Doc]:
+    """The fleet policies that apply to one device, by name."""
+    chosen = []
+    for name in sorted(fleet):
+        wanted = match_labels(fleet[name])
+        if wanted is None or selects(wanted, device, labels):
+            chosen.append(fleet[name])
+    return chosen
+
+
+# -- the core ----------------------------------------------------------------
+
+
+@dataclass
+class _InFlight:
+    delivery: Delivery
+    bundle: Bundle
+    fleet: dict[str, Doc]
+
+
+@dataclass
+class AgentState:
+    revision: int = 0
+    offset: int | None = None
+    applied_revision: int = 0
+    fleet: dict[str, Doc] = field(default_factory=dict)
+    last_bundle: bytes = b""
+    in_force_digest: str = EMPTY_DIGEST
+    status: str = "starting"  # starting | ok | failed
+    error: str = ""
+    awaiting_snapshot: bool = False
+    link_up: bool = False
+    gaps: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class AgentCore:
+    def __init__(
+        self,
+        device: str,
+        labels: Mapping[str, str],
+        verifier: Verifier,
+        *,
+        heartbeat_interval: float = 10.0,
+        retry_interval: float = 30.0,
+    ) -> None:
+        self.device = device
+        self.labels = dict(labels)
+        self.verifier = verifier
+        self.heartbeat_interval = heartbeat_interval
+        self.retry_interval = retry_interval
+        self.state = AgentState()
+        self._now = 0.0
+        self._started = False
+        self._in_flight: _InFlight | None = None
+        self._apply_wanted_at: float | None = None
+        self._startup_apply = False
+        self._retrying = False
+        self._queue: deque[Delivery] = deque()
+        self._consume_wanted = False
+        self._next_heartbeat = 0.0
+
+    # The one entry point.
+    def handle(self, event: Event) -> list[Effect]:
+        self._now = max(self._now, event.now)
+        if not self._started and not isinstance(event, Started):
+            raise LocalProtocolError(f"{type(event).__name__} before Started")
+        method = getattr(self, "_on_" + type(event).__name__, None)
+        if method is None:
+            raise LocalProtocolError(f"not an agent event: {event!r}")
+        return method(event)
+
+    @property
+    def selected(self) -> list[Doc]:
+        return select_for(self.state.fleet, self.device, self.labels)
+
+    def heartbeat(self) -> Heartbeat:
+        s = self.state
+        return Heartbeat(
+            device=self.device,
+            time=self._now,
+            revision=s.revision,
+            applied_revision=s.applied_revision,
+            hash=s.in_force_digest,
+            status=s.status,
+            rejected=dict(s.rejected),
+            gaps=s.gaps,
+            awaiting_snapshot=s.awaiting_snapshot,
+            labels=self.labels,
+            error=s.error,
+        )
+
+    # -- handlers ------------------------------------------------------------
+
+    def _on_Started(self, ev: Started) -> list[Effect]:
+        if self._started:
+            raise LocalProtocolError("Started twice")
+        self._started = True
+        effects: list[Effect] = []
+        if ev.cache is not None:
+            problem = self._check_cache(ev.cache)
+            if problem:
+                self.state.rejected["cache_corrupt"] += 1
+                effects.append(Report("warning", f"cache not trusted ({problem}); starting empty"))
+            else:
+                s = self.state
+                s.revision = ev.cache.revision
+                s.offset = ev.cache.offset
+                s.applied_revision = ev.cache.applied_revision
+                s.fleet = {policy_name(dict(d)): d for d in ev.cache.fleet}
+                s.last_bundle = ev.cache.bundle
+                self._startup_apply = True
+                effects.append(Apply(tuple(self.selected), s.revision))
+                effects.append(
+                    Report("info", f"cached revision {s.revision} loaded, putting it in force")
+                )
+        if not self._startup_apply:
+            self.state.status = "ok"
+        return effects
+
+    def _check_cache(self, cache: CacheRecord) -> str:
+        try:
+            bundle = self.verifier.verify(SignedBundle.from_message(decode(cache.bundle)))
+        except RemoteProtocolError as exc:
+            return f"stored bundle: {exc}"
+        if bundle.revision != cache.revision:
+            return "stored bundle is of another revision"
+        try:
+            digest = state_digest(cache.fleet)
+        except (KeyError, TypeError):
+            return "stored fleet state unreadable"
+        if digest != bundle.sha256:
+            return "fleet state does not match the signed digest"
+        return ""
+
+    def _on_LinkUp(self, ev: LinkUp) -> list[Effect]:
+        self.state.link_up = True
+        self._queue.clear()
+        self._next_heartbeat = self._now  # report at once
+        if self._in_flight is not None:
+            self._consume_wanted = True
+            return []
+        return [self._consume(), *self._maybe_heartbeat()]
+
+    def _consume(self) -> Consume:
+        offset = self.state.offset
+        return Consume("first" if offset is None else offset + 1)
+
+    def _on_LinkLost(self, ev: LinkLost) -> list[Effect]:
+        self.state.link_up = False
+        self._queue.clear()
+        self._consume_wanted = False
+        return []
+
+    def _on_Tick(self, ev: Tick) -> list[Effect]:
+        effects: list[Effect] = []
+        s = self.state
+        if (
+            self._apply_wanted_at is not None
+            and self._in_flight is None
+            and self._now >= self._apply_wanted_at
+        ):
+            self._apply_wanted_at = None
+            self._startup_apply = True  # a retry: no delivery behind it
+            self._retrying = True
+            effects.append(Apply(tuple(self.selected), s.revision))
+        effects.extend(self._maybe_heartbeat())
+        return effects
+
+    def _maybe_heartbeat(self) -> list[Effect]:
+        if not self.state.link_up or self._now < self._next_heartbeat:
+            return []
+        self._next_heartbeat = self._now + self.heartbeat_interval
+        return [SendHeartbeat(self.heartbeat())]
+
+    def _heartbeat_now(self) -> list[Effect]:
+        self._next_heartbeat = self._now
+        return self._maybe_heartbeat()
+
+    def _on_Delivery(self, ev: Delivery) -> list[Effect]:
+        if not self.state.link_up:
+            raise LocalProtocolError("Delivery while the link is down")
+        if self._in_flight is not None or self._startup_apply:
+            self._queue.append(ev)
+            return []
+        return self._handle_delivery(ev)
+
+    def _reject(self, ev: Delivery, reason: str, detail: str) -> list[Effect]:
+        self.state.rejected[reason] += 1
+        self.state.offset = ev.offset
+        return [
+            Report("warning", f"bundle at offset {ev.offset} refused: {reason} {detail}".rstrip()),
+            Ack(ev.tag),
+            *self._heartbeat_now(),
+        ]
+
+    def _skip(self, ev: Delivery) -> list[Effect]:
+        self.state.offset = ev.offset
+        return [Ack(ev.tag)]
+
+    def _handle_delivery(self, ev: Delivery) -> list[Effect]:
+        s = self.state
+        try:
+            signed = SignedBundle.from_message(decode(ev.body))
+            bundle = self.verifier.verify(signed)
+        except RemoteProtocolError as exc:
+            return self._reject(ev, exc.reason, exc.detail)
+
+        if bundle.mode == "delta":
+            if bundle.revision <= s.revision:
+                return self._reject(ev, "stale", f"revision {bundle.revision} <= {s.revision}")
+            if s.awaiting_snapshot:
+                return self._skip(ev)
+            if bundle.revision > s.revision + 1:
+                return self._gap(ev, f"expected revision {s.revision + 1}, got {bundle.revision}")
+            fleet = dict(s.fleet)
+            for name in bundle.deleted:
+                fleet.pop(name, None)
+            for doc in bundle.policies:
+                fleet[policy_name(doc)] = doc
+        else:
+            if bundle.revision < s.revision:
+                return self._reject(ev, "stale", f"snapshot {bundle.revision} < {s.revision}")
+            if bundle.revision == s.revision:
+                if bundle.sha256 == state_digest(s.fleet.values()):
+                    return self._skip(ev)
+                return self._reject(ev, "conflicting_snapshot", f"revision {bundle.revision}")
+            fleet = {policy_name(doc): doc for doc in bundle.policies}
+
+        if state_digest(fleet.values()) != bundle.sha256:
+            if bundle.mode == "snapshot":
+                return self._reject(ev, "digest_mismatch", f"snapshot {bundle.revision}")
+            return self._gap(ev, f"state after revision {bundle.revision} does not match")
+
+        was_awaiting = s.awaiting_snapshot
+        s.awaiting_snapshot = False
+        effects: list[Effect] = []
+        if was_awaiting:
+            effects.append(Report("info", f"recovered from snapshot {bundle.revision}"))
+        chosen = select_for(fleet, self.device, self.labels)
+        if state_digest(chosen) == s.in_force_digest and s.status != "failed":
+            effects.extend(self._commit(ev, bundle, fleet, changed=False))
+            return effects
+        self._in_flight = _InFlight(ev, bundle, fleet)
+        effects.append(Apply(tuple(chosen), bundle.revision))
+        return effects
+
+    def _gap(self, ev: Delivery, detail: str) -> list[Effect]:
+        s = self.state
+        s.gaps += 1
+        s.awaiting_snapshot = True
+        s.offset = ev.offset
+        return [
+            Report("warning", f"gap in the policy stream ({detail}); waiting for a snapshot"),
+            Ack(ev.tag),
+            *self._heartbeat_now(),
+        ]
+
+    def _commit(
+        self, ev: Delivery, bundle: Bundle, fleet: dict[str, Doc], *, changed: bool
+    ) -> list[Effect]:
+        s = self.state
+        s.revision = bundle.revision
+        s.offset = ev.offset
+        s.fleet = fleet
+        s.last_bundle = ev.body
+        if changed:
+            s.applied_revision = bundle.revision
+        record = CacheRecord(
+            revision=s.revision,
+            offset=s.offset,
+            applied_revision=s.applied_revision,
+            fleet=tuple(fleet[n] for n in sorted(fleet)),
+            bundle=ev.body,
+        )
+        effects: list[Effect] = [Persist(record), Ack(ev.tag)]
+        if changed:
+            effects.extend(self._heartbeat_now())
+        return effects
+
+    def _on_ApplyResult(self, ev: ApplyResult) -> list[Effect]:
+        s = self.state
+        effects: list[Effect] = []
+        if ev.ok:
+            s.in_force_digest = ev.digest
+            s.status = "ok"
+            s.error = ""
+        else:
+            s.status = "failed"
+            s.error = ev.error
+            self._apply_wanted_at = self._now + self.retry_interval
+            effects.append(Report("warning", f"apply failed: {ev.error}"))
+
+        if self._in_flight is not None:
+            flight, self._in_flight = self._in_flight, None
+            effects.extend(
+                self._commit(flight.delivery, flight.bundle, flight.fleet, changed=ev.ok)
+            )
+            if not ev.ok:
+                effects.extend(self._heartbeat_now())
+        elif self._startup_apply:
+            self._startup_apply = False
+            if ev.ok and self._retrying:
+                s.applied_revision = s.revision
+            self._retrying = False
+            effects.extend(self._heartbeat_now())
+        else:
+            raise LocalProtocolError("ApplyResult without an Apply")
+
+        if self._consume_wanted:
+            self._consume_wanted = False
+            effects.append(self._consume())
+        while self._queue and self._in_flight is None and not self._startup_apply:
+            effects.extend(self._handle_delivery(self._queue.popleft()))
+        return effects

@@ -1,0 +1,154 @@
+"""Messages between the control plane's actors and the CLI.
+
+Thespian does not copy messages between actors in one process, so every
+message is a frozen dataclass; across processes they are pickled, so they
+hold only plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# -- replies -----------------------------------------------------------------
+
+#: Error codes a reply can carry; the CLI maps them to exit codes.
+BAD_INPUT = "bad_input"
+UNREACHABLE = "unreachable"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Reply:
+    ok: bool
+    value: Any = None
+    error: str = ""
+    code: str = ""
+
+    @classmethod
+    def fail(cls, code: str, error: str) -> Reply:
+        return cls(False, None, error, code)
+
+
+# -- set-up ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: str
+    broker_url: str
+    snapshot_every: int = 10
+    snapshot_cooldown: float = 5.0
+    offline_after: float = 45.0
+    retention_max_age: str = "30D"
+    retention_max_bytes: int = 1024**3
+    retention_segment_bytes: int = 16 * 1024**2
+
+
+@dataclass(frozen=True)
+class Configure:
+    settings: Settings
+    link: Any = None  # ActorAddress of the BrokerLink
+    distributor: Any = None
+    mirror: Any = None
+
+
+@dataclass(frozen=True)
+class Status:
+    """Asks an actor whether it is configured and connected."""
+
+
+# -- CLI -> PolicyDistributor -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApplyPolicies:
+    documents: tuple[dict, ...]
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeletePolicy:
+    name: str
+
+
+@dataclass(frozen=True)
+class Rollback:
+    revision: int
+
+
+@dataclass(frozen=True)
+class ListPolicies:
+    pass
+
+
+@dataclass(frozen=True)
+class History:
+    pass
+
+
+@dataclass(frozen=True)
+class PublishSnapshot:
+    reason: str = "on demand"
+
+
+@dataclass(frozen=True)
+class SigningIdentity:
+    """Asks for the public keys devices must trust."""
+
+
+# -- CLI -> DeviceMirror -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Enroll:
+    device: str
+    labels: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ListDevices:
+    state: str | None = None
+
+
+# -- between actors ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publish:
+    """PolicyDistributor -> BrokerLink: publish one signed bundle, confirmed."""
+
+    body: bytes
+    revision: int
+    mode: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Published:
+    token: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Heartbeats:
+    """BrokerLink -> DeviceMirror: decoded heartbeats, in batches."""
+
+    items: tuple[dict, ...]
+    malformed: int = 0
+
+
+@dataclass(frozen=True)
+class FleetChanged:
+    """PolicyDistributor -> DeviceMirror: a revision was published."""
+
+    revision: int
+    state: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SnapshotWanted:
+    """DeviceMirror -> PolicyDistributor: a device waits for a snapshot."""
+
+    device: str
