@@ -111,6 +111,8 @@ class LocalEnforcer:
 
     def start_offline(self) -> None:
         """Put the cached policy in force; touches no network."""
+        if self.cache.set_aside is not None:
+            self.out(f"warning: damaged cache moved to {self.cache.set_aside}; starting empty")
         self.feed(c.Started(self.clock(), self.cache.load()))
 
     def run(self) -> int:

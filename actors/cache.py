@@ -7,6 +7,9 @@ delivery behind it is acked.
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import time
 from pathlib import Path
 
 import cbor2
@@ -21,7 +24,19 @@ class AgentCache:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "cache.sqlite"
-        self._db = SqliteDict(
+        #: Where a damaged cache file was moved, if one was found at start.
+        self.set_aside: Path | None = None
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError:
+            # A damaged file must not keep the device from starting: keep it
+            # for forensics, start empty, and let the core count it.
+            self.set_aside = self.path.with_name(f"cache.sqlite.damaged-{int(time.time())}")
+            os.replace(self.path, self.set_aside)
+            self._db = self._open()
+
+    def _open(self) -> SqliteDict:
+        return SqliteDict(
             str(self.path),
             tablename="agent",
             encode=cbor2.dumps,
@@ -44,6 +59,7 @@ class AgentCache:
                 applied_revision=int(raw["applied_revision"]),
                 fleet=tuple(raw["fleet"]),
                 bundle=bytes(raw["bundle"]),
+                digest=str(raw.get("digest", "")),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -55,6 +71,7 @@ class AgentCache:
             "applied_revision": record.applied_revision,
             "fleet": list(record.fleet),
             "bundle": record.bundle,
+            "digest": record.digest,
         }
         self._db.commit(blocking=True)
 

@@ -29,7 +29,9 @@ Rules
     wait).  One equal to ``revision`` with the same digest is skipped
     silently; any other is refused.
 7.  After a bundle the fleet state's digest must equal the bundle's signed
-    ``sha256``; if not (``digest_mismatch``) the device waits for a snapshot.
+    ``sha256``.  A delta that does not add up means the device's state went
+    wrong: counted as a gap, and it waits for a snapshot.  A snapshot that
+    does not add up is refused (``digest_mismatch``).
 8.  The device's set is the fleet policies whose selectors match its name
     and labels.  If that set changed, it is applied (``Apply``) and the core
     waits for ``ApplyResult``; deliveries arriving meanwhile queue up.  Then
@@ -69,6 +71,7 @@ class CacheRecord:
     applied_revision: int
     fleet: tuple[Doc, ...]
     bundle: bytes  # the signed envelope of the last bundle handled
+    digest: str = ""  # what the backend reported in force after the last good apply
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ class _InFlight:
     delivery: Delivery
     bundle: Bundle
     fleet: dict[str, Doc]
+    link: int  # which link the delivery came on: its tag means nothing on another
 
 
 @dataclass
@@ -222,6 +226,8 @@ class AgentCore:
         self._apply_wanted_at: float | None = None
         self._startup_apply = False
         self._retrying = False
+        self._cached_digest = ""
+        self._link = 0
         self._queue: deque[Delivery] = deque()
         self._consume_wanted = False
         self._next_heartbeat = 0.0
@@ -275,6 +281,7 @@ class AgentCore:
                 s.applied_revision = ev.cache.applied_revision
                 s.fleet = {policy_name(dict(d)): d for d in ev.cache.fleet}
                 s.last_bundle = ev.cache.bundle
+                self._cached_digest = ev.cache.digest
                 self._startup_apply = True
                 effects.append(Apply(tuple(self.selected), s.revision))
                 effects.append(
@@ -301,6 +308,7 @@ class AgentCore:
 
     def _on_LinkUp(self, ev: LinkUp) -> list[Effect]:
         self.state.link_up = True
+        self._link += 1
         self._queue.clear()
         self._next_heartbeat = self._now  # report at once
         if self._in_flight is not None:
@@ -329,7 +337,8 @@ class AgentCore:
             self._apply_wanted_at = None
             self._startup_apply = True  # a retry: no delivery behind it
             self._retrying = True
-            effects.append(Apply(tuple(self.selected), s.revision))
+            # The heartbeat follows the apply's result, not before it.
+            return [Apply(tuple(self.selected), s.revision)]
         effects.extend(self._maybe_heartbeat())
         return effects
 
@@ -405,9 +414,9 @@ class AgentCore:
             effects.append(Report("info", f"recovered from snapshot {bundle.revision}"))
         chosen = select_for(fleet, self.device, self.labels)
         if state_digest(chosen) == s.in_force_digest and s.status != "failed":
-            effects.extend(self._commit(ev, bundle, fleet, changed=False))
+            effects.extend(self._commit(ev, bundle, fleet, changed=False, link=self._link))
             return effects
-        self._in_flight = _InFlight(ev, bundle, fleet)
+        self._in_flight = _InFlight(ev, bundle, fleet, self._link)
         effects.append(Apply(tuple(chosen), bundle.revision))
         return effects
 
@@ -422,8 +431,19 @@ class AgentCore:
             *self._heartbeat_now(),
         ]
 
+    def _record(self) -> CacheRecord:
+        s = self.state
+        return CacheRecord(
+            revision=s.revision,
+            offset=s.offset,
+            applied_revision=s.applied_revision,
+            fleet=tuple(s.fleet[n] for n in sorted(s.fleet)),
+            bundle=s.last_bundle,
+            digest=s.in_force_digest if s.status == "ok" else self._cached_digest,
+        )
+
     def _commit(
-        self, ev: Delivery, bundle: Bundle, fleet: dict[str, Doc], *, changed: bool
+        self, ev: Delivery, bundle: Bundle, fleet: dict[str, Doc], *, changed: bool, link: int
     ) -> list[Effect]:
         s = self.state
         s.revision = bundle.revision
@@ -432,14 +452,12 @@ class AgentCore:
         s.last_bundle = ev.body
         if changed:
             s.applied_revision = bundle.revision
-        record = CacheRecord(
-            revision=s.revision,
-            offset=s.offset,
-            applied_revision=s.applied_revision,
-            fleet=tuple(fleet[n] for n in sorted(fleet)),
-            bundle=ev.body,
-        )
-        effects: list[Effect] = [Persist(record), Ack(ev.tag)]
+            self._cached_digest = s.in_force_digest
+        effects: list[Effect] = [Persist(self._record())]
+        # A delivery tag belongs to the link it came on; after a reconnect the
+        # broker gives the message again (we consume from the stored offset).
+        if link == self._link and s.link_up:
+            effects.append(Ack(ev.tag))
         if changed:
             effects.extend(self._heartbeat_now())
         return effects
@@ -451,7 +469,10 @@ class AgentCore:
             s.in_force_digest = ev.digest
             s.status = "ok"
             s.error = ""
+            self._apply_wanted_at = None
         else:
+            # Report what the backend says is in force, whatever we hoped.
+            s.in_force_digest = ev.digest or s.in_force_digest
             s.status = "failed"
             s.error = ev.error
             self._apply_wanted_at = self._now + self.retry_interval
@@ -460,14 +481,22 @@ class AgentCore:
         if self._in_flight is not None:
             flight, self._in_flight = self._in_flight, None
             effects.extend(
-                self._commit(flight.delivery, flight.bundle, flight.fleet, changed=ev.ok)
+                self._commit(
+                    flight.delivery, flight.bundle, flight.fleet, changed=ev.ok, link=flight.link
+                )
             )
             if not ev.ok:
                 effects.extend(self._heartbeat_now())
         elif self._startup_apply:
+            # The cached set (at start) or a retry: no delivery behind it.
             self._startup_apply = False
-            if ev.ok and self._retrying:
+            changed = bool(self._cached_digest) and ev.digest != self._cached_digest
+            if ev.ok and (self._retrying or changed):
+                # The set in force changed since the last good apply: it is
+                # the current revision's now.
                 s.applied_revision = s.revision
+                self._cached_digest = ev.digest
+                effects.append(Persist(self._record()))
             self._retrying = False
             effects.extend(self._heartbeat_now())
         else:
