@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import cbor2
@@ -26,14 +27,20 @@ class AgentCache:
         self.path = directory / "cache.sqlite"
         #: Where a damaged cache file was moved, if one was found at start.
         self.set_aside: Path | None = None
-        try:
-            self._db = self._open()
-        except sqlite3.DatabaseError:
+        if self.path.exists() and not self._readable():
             # A damaged file must not keep the device from starting: keep it
-            # for forensics, start empty, and let the core count it.
+            # for forensics and start empty.
             self.set_aside = self.path.with_name(f"cache.sqlite.damaged-{int(time.time())}")
             os.replace(self.path, self.set_aside)
-            self._db = self._open()
+        self._db = self._open()
+
+    def _readable(self) -> bool:
+        try:
+            with closing(sqlite3.connect(str(self.path))) as db:
+                db.execute("PRAGMA schema_version").fetchone()
+            return True
+        except sqlite3.DatabaseError:
+            return False
 
     def _open(self) -> SqliteDict:
         return SqliteDict(

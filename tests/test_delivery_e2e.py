@@ -317,3 +317,38 @@ def test_agent_killed_mid_run_restarts_from_its_cache(fleet: Fleet, tmp_path: Pa
     agent.wait_for_line("in force: revision 1", timeout=10)
     fleet.wait_states({"pos-0001": "in_sync"})
     assert len(agent.matching("in force:")) == 1  # nothing re-applied from the stream
+
+
+def test_silent_device_is_shown_offline_after_the_configured_silence(fleet: Fleet, tmp_path):
+    # Given a control plane that calls a device offline after 3 s of silence
+    fleet.start_control_plane("--offline-after", "3")
+    fleet.enroll("pos-0001", "store=berlin")
+    fleet.start_agent("pos-0001")
+    fleet.cli("policy", "apply", write_policy(tmp_path, policy("p", {"store": "berlin"}, ["/a"])))
+    fleet.wait_states({"pos-0001": "in_sync"})
+    # When the agent goes away
+    fleet.stop_agent("pos-0001")
+    # Then it is offline, and `devices --state offline` lists it
+    fleet.wait_states({"pos-0001": "offline"}, timeout=20)
+    listed = json.loads(fleet.cli("devices", "--state", "offline", "--json"))
+    assert [r["device"] for r in listed] == ["pos-0001"]
+
+
+def test_a_full_snapshot_follows_every_nth_revision(fleet: Fleet, tmp_path: Path) -> None:
+    # Given snapshots every 2 revisions
+    fleet.start_control_plane("--snapshot-every", "2")
+    # When two revisions are applied
+    for i in range(2):
+        fleet.cli(
+            "policy", "apply", write_policy(tmp_path, policy(f"p{i}", {"store": "berlin"}, ["/a"]))
+        )
+
+    # Then the stream holds delta 1, delta 2 and a snapshot of revision 2 with both policies
+    def three():
+        bodies = _stream_messages(fleet.broker_url)
+        return bodies if len(bodies) == 3 else None
+
+    bodies = wait_until(three, timeout=10, message="no snapshot on the stream")
+    bundles = [Bundle.decode_body(SignedBundle.from_message(decode(b)).body) for b in bodies]
+    assert [(b.mode, b.revision) for b in bundles] == [("delta", 1), ("delta", 2), ("snapshot", 2)]
+    assert sorted(p["metadata"]["name"] for p in bundles[2].policies) == ["p0", "p1"]
