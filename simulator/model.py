@@ -1,0 +1,113 @@
+"""What a simulation run records: the data the report is computed from.
+
+The SimulationDirector fills a :class:`RunData` as the run goes; ``report``
+turns it into ``report.json``, ``report.md`` and charts.  Everything here is
+plain data (JSON-able through :func:`dataclasses.asdict`), so a partial run
+(Ctrl-C) still writes a report from what it has.
+
+Times are seconds since the run started (``t``), except ``started_at``
+(Unix time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class FleetSample:
+    """The whole fleet at one moment (summed over worker shards)."""
+
+    t: float
+    connected: int  # devices with an open AMQP connection
+    in_sync: int  # devices whose in-force revision is the latest published
+    online: int  # devices meant to be online (not taken offline by churn or a cut)
+    errors: int  # cumulative, all kinds
+    deliveries: int  # cumulative policy deliveries received by devices
+    heartbeats: int  # cumulative heartbeats sent by devices
+    client_rss_bytes: int  # RSS of all worker processes
+    client_cpu_seconds: float  # cumulative CPU of all worker processes
+
+
+@dataclass
+class BrokerSample:
+    """One broker node at one moment (its rabbitmq_prometheus endpoint)."""
+
+    t: float
+    node: str
+    memory_bytes: float  # the node's resident memory
+    fds: float  # open file descriptors
+    erlang_processes: float
+    connections: float
+    messages_in_total: float = 0.0  # cumulative messages published into queues/streams
+    messages_out_total: float = 0.0  # cumulative messages delivered to consumers
+
+
+@dataclass
+class Action:
+    """One timeline action as carried out."""
+
+    t: float
+    kind: str  # apply | restart-node | cut | restore | churn
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout:
+    """One published revision and when each device put it in force."""
+
+    revision: int
+    t: float  # publish time (seconds since start)
+    targeted: int  # devices whose selected set this revision changes
+    online_at_publish: int  # of those, meant to be online when it was published
+    # Seconds from publish to in force, per device that put it in force
+    # (online devices at publish; devices that came back later are in ``late``).
+    latencies: list[float] = field(default_factory=list)
+    late: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Baseline:
+    """The raw floor: same connections and topology, devices only ack."""
+
+    devices: int
+    connected: int
+    # Seconds from publish to receipt, per device, per probe message.
+    fanouts: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class RunData:
+    scenario: dict[str, Any]
+    devices: int
+    workers: int
+    verify: str  # every | cached
+    share_connections: int  # 0: one connection per device
+    brokers: list[str]  # node URLs (passwords redacted)
+    nodes: list[str]  # node names
+    broker_config: str  # "default" or the config file used for a local cluster
+    started_at: float
+    machine: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    samples: list[FleetSample] = field(default_factory=list)
+    broker: list[BrokerSample] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    rollouts: list[Rollout] = field(default_factory=list)
+    baseline: Baseline | None = None
+    errors: dict[str, int] = field(default_factory=dict)  # by kind
+    unexpected_closes: int = 0
+    # Messages: bundles each online device should have received, and did.
+    messages_expected: int = 0
+    messages_received: int = 0
+    heartbeats_sent: int = 0
+    # Telemetry arithmetic (once the telemetry path lands): records devices
+    # produced = received by the collector + dropped and reported.
+    telemetry_sent: int = 0
+    telemetry_received: int = 0
+    telemetry_dropped_reported: int = 0
+    ramp_seconds: float | None = None  # first connect attempt -> all online devices connected
+    reconnect: dict[str, float | None] = field(default_factory=dict)  # storm figures
+    duration: float = 0.0
+    completed: bool = False  # False for a run stopped early (Ctrl-C)
+    notes: list[str] = field(default_factory=list)
