@@ -8,6 +8,7 @@ is protected within a second.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -108,5 +109,8 @@ class LocalEnforcer(AgentShell):
 
 def run_agent(config_path: Path) -> int:
     config = AgentConfig.read(config_path)
+    # The agent says what happened to its link in its own words; pika's log
+    # would repeat each failure several times over.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     agent = LocalEnforcer(config, out=lambda line: print(f"[{config.device}] {line}", flush=True))
     return agent.run()

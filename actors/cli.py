@@ -315,6 +315,16 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from edgeward.simulator.run import simulate
+    from edgeward.simulator.scenario import ScenarioError
+
+    try:
+        return simulate(args)
+    except ScenarioError as exc:
+        raise CliError("bad_input", str(exc)) from None
+
+
 # -- parser --------------------------------------------------------------------------
 
 
@@ -457,6 +467,78 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot", parents=[common], help="publish a full snapshot of the fleet state now"
     )
     snap.set_defaults(func=cmd_policy_snapshot)
+
+    sim = verbs.add_parser(
+        "simulate",
+        parents=[common],
+        help="run a simulated fleet against a real broker and write a sizing report",
+        description="Run many simulated devices (the real agent core, each with its own AMQP "
+        "connection) against a real RabbitMQ, follow the scenario's timeline, measure both "
+        "sides, and write report.json, report.md and charts to --report.",
+    )
+    sim.add_argument("scenario", help="scenario TOML (see simulator/scenarios/)")
+    sim.add_argument("--devices", type=int, help="fleet size (overrides the scenario)")
+    sim.add_argument("--workers", type=int, help="worker processes (default: one per 5,000)")
+    where = sim.add_mutually_exclusive_group()
+    where.add_argument(
+        "--broker",
+        action="append",
+        metavar="URL",
+        help="node URL(s) of an existing cluster; repeat or comma-separate "
+        "(default: --broker-url); needs the management API to make vhosts",
+    )
+    where.add_argument(
+        "--local-cluster",
+        type=int,
+        default=0,
+        metavar="K",
+        help="start a throwaway K-node cluster under the report dir",
+    )
+    sim.add_argument(
+        "--broker-config",
+        help="rabbitmq.conf lines for --local-cluster nodes (e.g. charts/rabbitmq/rabbitmq.conf)",
+    )
+    sim.add_argument(
+        "--metrics-url",
+        action="append",
+        help="rabbitmq_prometheus URL per node (default http://HOST:15692/metrics)",
+    )
+    sim.add_argument(
+        "--verify",
+        choices=["every", "cached"],
+        help="verify every bundle per device (default) or identical bytes once per "
+        "worker (a documented shortcut for broker sizing)",
+    )
+    sim.add_argument(
+        "--share-connections",
+        type=int,
+        default=0,
+        metavar="M",
+        help="M devices per AMQP connection, to show what sharing would save",
+    )
+    sim.add_argument("--no-baseline", action="store_true", help="skip the raw baseline phase")
+    sim.add_argument("--report", required=True, metavar="DIR", help="where the report goes")
+    sim.add_argument(
+        "--node-memory",
+        type=float,
+        default=16,
+        metavar="GIB",
+        help="sizing: memory of a broker node (default %(default)s GiB)",
+    )
+    sim.add_argument(
+        "--node-fds",
+        type=int,
+        default=65536,
+        help="sizing: file descriptors a node may open (default %(default)s)",
+    )
+    sim.add_argument("--node-cores", type=int, default=4, help="sizing: cores of a node")
+    sim.add_argument(
+        "--headroom",
+        type=float,
+        default=0.3,
+        help="sizing: share of each limit kept free (default %(default)s)",
+    )
+    sim.set_defaults(func=cmd_simulate)
 
     devices = verbs.add_parser(
         "devices", parents=[common, as_json], help="desired versus reported state of every device"

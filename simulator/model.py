@@ -106,6 +106,9 @@ class RunData:
     telemetry_sent: int = 0
     telemetry_received: int = 0
     telemetry_dropped_reported: int = 0
+    # RSS of the worker processes before their devices were made: what the
+    # per-device figure is measured above.
+    client_base_rss_bytes: int = 0
     ramp_seconds: float | None = None  # first connect attempt -> all online devices connected
     reconnect: dict[str, float | None] = field(default_factory=dict)  # storm figures
     duration: float = 0.0

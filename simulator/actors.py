@@ -1,0 +1,438 @@
+"""The simulator's Thespian actors.
+
+* :class:`SimulationDirector` — one per run.  Creates a WorkerShard per
+  worker process, hands each its slice of the fleet, publishes the signed
+  bundles and probes (it timestamps them), scrapes the broker nodes'
+  metrics, and folds the shards' reports into the run's data.
+* :class:`WorkerShard` — one per worker process, hosting thousands of
+  simulated devices in an asyncio loop.  The loop runs in slices of
+  ``SLICE`` seconds from ``wakeupAfter``, so Thespian serves messages
+  between slices and no thread runs behind its back.
+
+Shards could sit on other hosts: the director asks for them with the
+``edgeward-sim-worker`` capability, which any host joining the convention can
+offer (see docs/simulator.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import pika
+import pika.exceptions
+from thespian.actors import ActorExitRequest, ActorTypeDispatcher, WakeupMessage
+
+from edgeward.transport import topology
+from edgeward.transport.connection import connect_blocking
+from edgeward.transport.signing import Signer
+from edgeward.transport.wire import Bundle
+
+from . import model
+from .shard import Shard, ShardConfig
+
+SLICE = 0.1
+# A zero delay would starve Thespian's socket reads (the wakeup is always
+# due, so the transport never selects): resume after a couple of ms instead.
+RESUME = timedelta(milliseconds=2)
+REPORT_EVERY = 1.0
+SCRAPE_EVERY = 2.0
+
+# -- messages -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartPhase:
+    mode: str  # "raw" | "edgeward"
+    urls: tuple[str, ...]  # device-facing URLs (with the phase's vhost)
+    publish_url: str
+    configs: tuple[ShardConfig, ...]
+    metrics_urls: tuple[tuple[str, str], ...] = ()  # (node, url)
+    signing_key_pem: bytes = b""
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Command:
+    kind: str  # cut | restore | churn | node-down | node-up
+    arg: Any = None
+
+
+@dataclass(frozen=True)
+class PublishRevision:
+    revision: int
+    policies: tuple[dict, ...]  # the whole fleet state
+    changed: tuple[str, ...]
+    deleted: tuple[str, ...] = ()
+    targeted: int = 0
+    selector: dict | None = None  # match labels of the changed policies; None: all devices
+
+
+@dataclass(frozen=True)
+class Probe:
+    number: int
+
+
+@dataclass(frozen=True)
+class EndPhase:
+    pass
+
+
+@dataclass(frozen=True)
+class Progress:
+    pass
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    shard: int
+    t: float
+    data: dict
+    final: dict | None = None
+
+
+@dataclass
+class PhaseResult:
+    mode: str
+    samples: list = field(default_factory=list)
+    broker: list = field(default_factory=list)
+    rollouts: list = field(default_factory=list)
+    fanouts: list = field(default_factory=list)
+    errors: dict = field(default_factory=dict)
+    unexpected_closes: int = 0
+    revisions: list = field(default_factory=list)
+    online: list = field(default_factory=list)
+    heartbeats: int = 0
+    base_rss: int = 0
+    notes: list = field(default_factory=list)
+
+
+# -- the worker shard -------------------------------------------------------------
+
+
+class WorkerShard(ActorTypeDispatcher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shard: Shard | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.director: Any = None
+        self.number = 0
+        self.next_report = 0.0
+        self.stopping_until: float | None = None
+
+    def receiveMsg_tuple(self, msg: tuple, sender: Any) -> None:
+        number, config = msg
+        self.number, self.director = number, sender
+        self.parent_pid = os.getppid()
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.shard = Shard(config, self.loop)
+        self.shard.start()
+        self.next_report = time.monotonic() + REPORT_EVERY
+        self.wakeupAfter(RESUME)
+
+    def receiveMsg_Command(self, msg: Command, sender: Any) -> None:
+        shard = self.shard
+        if shard is None:
+            return
+        if msg.kind == "cut":
+            shard.cut()
+        elif msg.kind == "restore":
+            shard.restore()
+        elif msg.kind == "churn":
+            shard.start_churn()
+        elif msg.kind == "latest":
+            shard.set_latest(*msg.arg)
+        elif msg.kind == "node-down":
+            shard.down_nodes.add(msg.arg)
+        elif msg.kind == "node-up":
+            shard.down_nodes.discard(msg.arg)
+
+    def receiveMsg_EndPhase(self, msg: EndPhase, sender: Any) -> None:
+        if self.shard is not None and self.stopping_until is None:
+            self.final = self.shard.final()  # who was meant to be online, before stopping
+            self.shard.stop()
+            self.stopping_until = time.monotonic() + 10.0
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        if self.loop is None or self.shard is None:
+            return
+        if os.getppid() != self.parent_pid:
+            # The director's process is gone (killed): do not run on alone.
+            self.shard.stop()
+            self.loop.run_until_complete(asyncio.sleep(1.0))
+            os._exit(0)
+        self.loop.run_until_complete(asyncio.sleep(SLICE))
+        now = time.monotonic()
+        if self.stopping_until is not None:
+            closed = not any(link.conn is not None for link in self.shard.links)
+            if closed or now >= self.stopping_until:
+                self.send(
+                    self.director,
+                    ShardReport(self.number, time.time(), self.shard.snapshot(), final=self.final),
+                )
+                self.shard = None
+                return
+        elif now >= self.next_report:
+            self.next_report = now + REPORT_EVERY
+            self.send(self.director, ShardReport(self.number, time.time(), self.shard.snapshot()))
+        self.wakeupAfter(RESUME)
+
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
+        if self.loop is not None:
+            self.loop.close()
+
+
+# -- the director -------------------------------------------------------------------
+
+
+class SimulationDirector(ActorTypeDispatcher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase: StartPhase | None = None
+        self.result: PhaseResult | None = None
+        self.shards: list[Any] = []
+        self.last: dict[int, dict] = {}
+        self.finals: dict[int, dict] = {}
+        self.rollouts: dict[int, model.Rollout] = {}
+        self.fanouts: dict[int, list[float]] = {}
+        self.publish_conn: Any = None
+        self.signer: Signer | None = None
+        self.next_sample = 0.0
+        self.next_scrape = 0.0
+        self.waiting_end: Any = None
+        self.probes_sent: dict[int, float] = {}
+
+    def _t(self, when: float | None = None) -> float:
+        assert self.phase is not None
+        return (when or time.time()) - self.phase.started_at
+
+    def receiveMsg_StartPhase(self, msg: StartPhase, sender: Any) -> None:
+        self.phase = msg
+        self.result = PhaseResult(mode=msg.mode)
+        self.last, self.finals, self.rollouts, self.fanouts = {}, {}, {}, {}
+        if msg.signing_key_pem:
+            from cryptography.hazmat.primitives import serialization
+
+            key = serialization.load_pem_private_key(msg.signing_key_pem, password=None)
+            self.signer = Signer(key)  # type: ignore[arg-type]
+        if msg.metrics_urls:
+            self._scrape()  # the idle broker, before any device connects
+        self.shards = []
+        for number, config in enumerate(msg.configs):
+            shard = self.createActor(WorkerShard)
+            self.shards.append(shard)
+            self.send(shard, (number, config))
+        self.next_sample = time.monotonic() + REPORT_EVERY
+        self.next_scrape = time.monotonic()
+        self.wakeupAfter(0.5)
+        self.send(sender, {"started": len(self.shards)})
+
+    def receiveMsg_Command(self, msg: Command, sender: Any) -> None:
+        for shard in self.shards:
+            self.send(shard, msg)
+        self.send(sender, {"ok": True})
+
+    # -- publishing --------------------------------------------------------------
+
+    def _publish(self, body: bytes, headers: dict) -> float:
+        assert self.phase is not None
+        for attempt in range(3):
+            try:
+                if self.publish_conn is None or not self.publish_conn.is_open:
+                    self.publish_conn = connect_blocking(
+                        [self.phase.publish_url], name="edgeward-sim-director"
+                    )
+                    self.publish_channel = self.publish_conn.channel()
+                    self.publish_channel.confirm_delivery()
+                sent = time.time()
+                # AMQP tables have no floats: microseconds as an integer.
+                headers = {**headers, "published_us": int(sent * 1e6)}
+                self.publish_channel.basic_publish(
+                    topology.POLICY_EXCHANGE,
+                    "",
+                    body,
+                    pika.BasicProperties(
+                        content_type="application/cbor", delivery_mode=2, headers=headers
+                    ),
+                )
+                return sent
+            except (pika.exceptions.AMQPError, OSError):
+                self.publish_conn = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def receiveMsg_PublishRevision(self, msg: PublishRevision, sender: Any) -> None:
+        assert self.signer is not None and self.result is not None
+        from edgeward.enforcement.digest import state_digest
+
+        by_name = {p["metadata"]["name"]: p for p in msg.policies}
+        bundle = Bundle(
+            revision=msg.revision,
+            issued_at=time.time(),
+            mode="delta",
+            policies=tuple(by_name[n] for n in msg.changed),
+            deleted=msg.deleted,
+            sha256=state_digest(msg.policies),
+        )
+        body = self.signer.sign(bundle).encode()
+        sent = self._publish(body, {"revision": msg.revision})
+        self.rollouts[msg.revision] = model.Rollout(
+            revision=msg.revision,
+            t=self._t(sent),
+            targeted=msg.targeted,
+            online_at_publish=0,  # the shards count their targeted devices online now
+        )
+        for shard in self.shards:
+            self.send(shard, Command("latest", (msg.revision, msg.selector)))
+        self.send(sender, {"published": msg.revision, "t": self._t(sent), "bytes": len(body)})
+
+    def receiveMsg_Probe(self, msg: Probe, sender: Any) -> None:
+        sent = self._publish(b"probe", {"probe": msg.number})
+        self.probes_sent[msg.number] = sent
+        self.fanouts.setdefault(msg.number, [])
+        self.send(sender, {"probe": msg.number})
+
+    # -- reports --------------------------------------------------------------------
+
+    def receiveMsg_ShardReport(self, msg: ShardReport, sender: Any) -> None:
+        self.last[msg.shard] = msg.data
+        for revision, latency, late in msg.data.get("applies", ()):
+            rollout = self.rollouts.get(revision)
+            if rollout is not None:
+                (rollout.late if late else rollout.latencies).append(latency)
+        for revision, count in msg.data.get("targeted_online", {}).items():
+            if revision in self.rollouts:
+                self.rollouts[revision].online_at_publish += count
+        for probe, latency in msg.data.get("receipts", ()):
+            self.fanouts.setdefault(probe, []).append(latency)
+        if msg.final is not None:
+            self.finals[msg.shard] = msg.final
+            self._maybe_finish()
+
+    def _totals(self) -> dict[str, Any]:
+        keys = (
+            "devices",
+            "connected",
+            "online",
+            "in_sync",
+            "deliveries",
+            "heartbeats",
+            "rss",
+            "base_rss",
+            "unexpected_closes",
+        )
+        totals: dict[str, Any] = {k: sum(d.get(k, 0) for d in self.last.values()) for k in keys}
+        totals["cpu"] = sum(d.get("cpu", 0.0) for d in self.last.values())
+        errors: dict[str, int] = {}
+        for d in self.last.values():
+            for kind, n in d.get("errors", {}).items():
+                errors[kind] = errors.get(kind, 0) + n
+        totals["errors"] = errors
+        return totals
+
+    def receiveMsg_Progress(self, msg: Progress, sender: Any) -> None:
+        totals = self._totals()
+        totals["shards_reporting"] = len(self.last)
+        totals["rollouts"] = {
+            r: {
+                "latencies": len(x.latencies),
+                "late": len(x.late),
+                "targeted": x.targeted,
+                "online_at_publish": x.online_at_publish,
+            }
+            for r, x in self.rollouts.items()
+        }
+        totals["probes"] = {p: len(v) for p, v in self.fanouts.items()}
+        self.send(sender, totals)
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        if self.phase is None or self.result is None:
+            return
+        now = time.monotonic()
+        if now >= self.next_sample and self.last:
+            self.next_sample = now + REPORT_EVERY
+            t = self._totals()
+            self.result.samples.append(
+                model.FleetSample(
+                    t=self._t(),
+                    connected=t["connected"],
+                    in_sync=t["in_sync"],
+                    online=t["online"],
+                    errors=sum(t["errors"].values()),
+                    deliveries=t["deliveries"],
+                    heartbeats=t["heartbeats"],
+                    client_rss_bytes=t["rss"],
+                    client_cpu_seconds=t["cpu"],
+                )
+            )
+        if now >= self.next_scrape and self.phase.metrics_urls:
+            self.next_scrape = now + SCRAPE_EVERY
+            self._scrape()
+        if self.publish_conn is not None and self.publish_conn.is_open:
+            try:
+                self.publish_conn.process_data_events(time_limit=0)
+            except (pika.exceptions.AMQPError, OSError):
+                self.publish_conn = None
+        self.wakeupAfter(0.25)
+
+    def _scrape(self) -> None:
+        from .metrics import MetricsUnavailable, scrape
+
+        assert self.phase is not None and self.result is not None
+        for node, url in self.phase.metrics_urls:
+            try:
+                m = scrape(url, timeout=2.0)
+            except MetricsUnavailable:
+                continue
+            self.result.broker.append(
+                model.BrokerSample(
+                    t=self._t(),
+                    node=node,
+                    memory_bytes=m.get("memory_bytes", 0.0),
+                    fds=m.get("fds", 0.0),
+                    erlang_processes=m.get("erlang_processes", 0.0),
+                    connections=m.get("connections", 0.0),
+                    messages_in_total=m.get("messages_in_total", 0.0),
+                    messages_out_total=m.get("messages_out_total", 0.0),
+                )
+            )
+
+    def receiveMsg_EndPhase(self, msg: EndPhase, sender: Any) -> None:
+        self.waiting_end = sender
+        for shard in self.shards:
+            self.send(shard, msg)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.waiting_end is None or len(self.finals) < len(self.shards):
+            return
+        assert self.result is not None
+        totals = self._totals()
+        r = self.result
+        r.errors = totals["errors"]
+        r.unexpected_closes = totals["unexpected_closes"]
+        r.heartbeats = totals["heartbeats"]
+        r.base_rss = totals["base_rss"]
+        r.rollouts = [self.rollouts[k] for k in sorted(self.rollouts)]
+        r.fanouts = [[lat for lat in self.fanouts[k]] for k in sorted(self.fanouts)]
+        for number in sorted(self.finals):
+            r.revisions.extend(self.finals[number]["revisions"])
+            r.online.extend(self.finals[number]["online"])
+        for shard in self.shards:
+            self.send(shard, ActorExitRequest())
+        self.shards = []
+        if self.publish_conn is not None:
+            try:
+                self.publish_conn.close()
+            except Exception:
+                pass
+            self.publish_conn = None
+        sender, self.waiting_end = self.waiting_end, None
+        self.send(sender, r)
+        self.phase = None

@@ -1,0 +1,660 @@
+"""``edgeward simulate``: set up the broker, run the phases, write the report.
+
+The run, in order:
+
+1. the broker: a throwaway local cluster (``--local-cluster K``) or the
+   nodes given (``--broker``); two fresh vhosts on it, one for the raw
+   baseline and one for edgeward, removed at the end;
+2. the raw baseline (unless the scenario says ``baseline = false``): every
+   device connects and consumes the policy stream but only acks; probes are
+   published and their fan-out timed;
+3. the edgeward phase: the same fleet with the real agent core; after the
+   ramp, the scenario's timeline runs (times are seconds after the ramp),
+   for ``duration`` seconds; then a short settle;
+4. the report (``report.json``, ``report.md``, charts) in ``--report DIR``,
+   also after Ctrl-C (marked partial).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edgeward.enforcement.selector import selects
+from edgeward.transport import topology
+from edgeward.transport.admin import ManagementAPI, url_with_vhost
+from edgeward.transport.connection import connect_blocking, redact, split_urls
+from edgeward.transport.signing import Signer
+
+from . import model
+from .scenario import Scenario, Step, device_name, labels_for
+
+SETTLE = 5.0
+PROBES = 3
+
+
+class Aborted(Exception):
+    pass
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {"python": platform.python_version()}
+    for dist in ("edgeward", "pika", "thespian", "cryptography", "cbor2"):
+        try:
+            out[dist] = version(dist)
+        except Exception:
+            pass
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "memory_bytes": mem,
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "hostname_hash": uuid.uuid5(uuid.NAMESPACE_DNS, platform.node()).hex[:8],
+    }
+
+
+class Policies:
+    """The fleet state the timeline's ``apply`` steps build, revision by revision."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, dict] = {}
+        self.revision = 0
+
+    @staticmethod
+    def _selector(text: str) -> dict[str, str]:
+        if text == "*":
+            return {"kubearmor.io/hostname": "*"}
+        key, _, value = text.partition("=")
+        return {key.strip(): value.strip()}
+
+    @staticmethod
+    def _doc(name: str, selector: dict[str, str], revision: int, j: int) -> dict:
+        return {
+            "apiVersion": "security.kubearmor.com/v1",
+            "kind": "KubeArmorHostPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "nodeSelector": {"matchLabels": selector},
+                "process": {
+                    "matchPaths": [
+                        {"path": f"/opt/pos/bin/tool-{revision}-{j}-{k}"} for k in range(4)
+                    ]
+                },
+                "file": {"matchDirectories": [{"dir": "/etc/pos/secrets/", "recursive": True}]},
+                "severity": 5,
+                "action": "Block",
+            },
+        }
+
+    def step(self, step: Step) -> tuple[int, list[str], dict[str, str] | None]:
+        """The next revision: (revision, changed names, selector of the change or None)."""
+        self.revision += 1
+        selector = self._selector(step.selector)
+        group = (
+            "all"
+            if step.selector == "*"
+            else re.sub(r"[^a-z0-9]+", "-", step.selector.lower()).strip("-")
+        )
+        changed = []
+        for j in range(step.changed):
+            name = f"sim-{group}-{j}"
+            self.state[name] = self._doc(name, selector, self.revision, j)
+            changed.append(name)
+        j = 0
+        everyone = False
+        while len(self.state) < step.policies:
+            name = f"sim-base-{j}"
+            if name not in self.state:
+                self.state[name] = self._doc(name, self._selector("*"), self.revision, j)
+                changed.append(name)
+                everyone = True
+            j += 1
+        return self.revision, changed, (None if everyone or step.selector == "*" else selector)
+
+
+class Runner:
+    def __init__(
+        self,
+        scenario: Scenario,
+        report_dir: Path,
+        *,
+        brokers: list[str] | None = None,
+        local_cluster: int = 0,
+        broker_config: Path | None = None,
+        metrics_urls: list[str] | None = None,
+        verify: str | None = None,
+        share_connections: int = 0,
+        node_memory: int,
+        node_fds: int,
+        node_cores: int,
+        headroom: float,
+        out=print,
+    ) -> None:
+        self.scenario = scenario
+        self.report_dir = report_dir
+        self.brokers = brokers or []
+        self.local_cluster = local_cluster
+        self.broker_config = broker_config
+        self.metrics_urls = metrics_urls
+        self.verify = verify or scenario.verify
+        self.share = share_connections
+        self.sizing = {
+            "node_memory_bytes": node_memory,
+            "node_fds": node_fds,
+            "node_cores": node_cores,
+            "headroom": headroom,
+        }
+        self.out = out
+        self.abort = threading.Event()
+        self.cluster: Any = None
+        self.asys: Any = None
+        self.director: Any = None
+        self.api: ManagementAPI | None = None
+        self.vhosts: list[str] = []
+        self.labels = [labels_for(scenario, i) for i in range(scenario.devices)]
+        self.run: model.RunData | None = None
+        self.t0 = time.time()
+
+    # -- set-up ------------------------------------------------------------------
+
+    def _broker(self) -> tuple[list[str], list[tuple[str, str]], str]:
+        """Node URLs, (node, metrics URL) pairs and a config label."""
+        if self.local_cluster:
+            from .cluster import LocalCluster
+
+            self.out(f"starting a local {self.local_cluster}-node RabbitMQ cluster ...")
+            self.cluster = LocalCluster(
+                self.local_cluster, self.report_dir / "cluster", config_file=self.broker_config
+            )
+            self.cluster.start(progress=lambda line: self.out(f"  {line}"))
+            urls = list(self.cluster.amqp_urls)
+            metrics = list(zip(self.cluster.node_names, self.cluster.prometheus_urls, strict=True))
+            self.api = ManagementAPI(
+                self.cluster.management_urls[0].rstrip("/") + "/api", "guest", "guest"
+            )
+            label = str(self.broker_config) if self.broker_config else "default"
+            return urls, metrics, label
+        urls = self.brokers
+        if self.metrics_urls is not None:
+            metric_urls = self.metrics_urls
+        else:
+            metric_urls = [f"http://{urlsplit(u).hostname}:15692/metrics" for u in urls]
+        metrics = [
+            (f"{urlsplit(u).hostname}:{urlsplit(u).port or 5672}", m)
+            for u, m in zip(urls, metric_urls, strict=False)
+        ]
+        self.api = ManagementAPI.for_amqp_url(urls[0])
+        return urls, metrics, "as found"
+
+    def _vhost(self, urls: list[str], name: str) -> list[str]:
+        assert self.api is not None
+        self.api.create_vhost(name)
+        user = urlsplit(urls[0]).username or "guest"
+        self.api.set_permissions(name, user)
+        self.vhosts.append(name)
+        with_vhost = [url_with_vhost(u, name) for u in urls]
+        conn = connect_blocking(with_vhost, name="edgeward-simulate")
+        try:
+            topology.declare(conn.channel())
+        finally:
+            conn.close()
+        return with_vhost
+
+    def _start_actors(self) -> None:
+        os.environ.setdefault("THESPIAN_BASE_IPADDR", "127.0.0.1")
+        from thespian.actors import ActorSystem
+
+        from edgeward.actors.runtime import port_open
+
+        from .actors import SimulationDirector
+
+        port = 0
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        assert not port_open(port)
+        log_dir = self.report_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.asys = ActorSystem(
+            "multiprocTCPBase",
+            {"Admin Port": port},
+            logDefs={
+                "version": 1,
+                "handlers": {
+                    "f": {"class": "logging.FileHandler", "filename": str(log_dir / "actors.log")}
+                },
+                "root": {"handlers": ["f"], "level": "WARNING"},
+            },
+        )
+        self.director = self.asys.createActor(SimulationDirector)
+
+    def ask(self, msg: Any, timeout: float = 60.0) -> Any:
+        from thespian.actors import PoisonMessage
+
+        reply = self.asys.ask(self.director, msg, timeout)
+        if reply is None:
+            raise RuntimeError(f"the simulation director did not answer {type(msg).__name__}")
+        if isinstance(reply, PoisonMessage):
+            raise RuntimeError(
+                f"the simulation director failed on {type(msg).__name__}; "
+                f"see {self.report_dir / 'logs' / 'actors.log'}"
+            )
+        return reply
+
+    # -- phases ------------------------------------------------------------------------
+
+    def _configs(self, mode: str, urls: list[str], trusted: dict[str, str]):
+        from .shard import ShardConfig
+
+        s = self.scenario
+        n = s.worker_count
+        per = -(-s.devices // n)
+        configs = []
+        for w in range(n):
+            first = w * per
+            labels = self.labels[first : first + per]
+            if not labels:
+                break
+            configs.append(
+                ShardConfig(
+                    first=first,
+                    labels=labels,
+                    urls=urls,
+                    mode=mode,
+                    trusted_keys=trusted,
+                    verify=self.verify,
+                    share=max(1, self.share),
+                    heartbeat_interval=s.heartbeat_interval,
+                    ramp_rate=s.ramp_rate / n,
+                    offline_fraction=s.offline_fraction,
+                    mean_offline=s.mean_offline,
+                    seed=w,
+                )
+            )
+        return tuple(configs)
+
+    def _wait(self, seconds: float, what: str, until=None) -> dict:
+        """Show progress for ``seconds`` (or until ``until(progress)``)."""
+        from .actors import Progress
+
+        deadline = time.monotonic() + seconds
+        progress: dict = {}
+        while True:
+            if self.abort.is_set():
+                raise Aborted()
+            progress = self.ask(Progress(), 30)
+            self._progress_line(what, progress)
+            if until is not None and until(progress):
+                return progress
+            if time.monotonic() >= deadline:
+                return progress
+            self.abort.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _progress_line(self, what: str, p: dict) -> None:
+        errors = sum(p.get("errors", {}).values())
+        line = (
+            f"[{time.time() - self.t0:6.0f}s] {what:<22} connected {p.get('connected', 0):>6}"
+            f"/{p.get('online', 0):<6} in sync {p.get('in_sync', 0):>6}  "
+            f"errors {errors:<5} unexpected closes {p.get('unexpected_closes', 0)}"
+        )
+        if sys.stdout.isatty():
+            sys.stdout.write("\r" + line)
+            sys.stdout.flush()
+        else:
+            now = time.monotonic()
+            if now - getattr(self, "_last_line", 0.0) >= 5.0:
+                self._last_line = now
+                self.out(line)
+
+    def _phase(self, mode: str, urls: list[str], metrics, signer: Signer | None):
+        from .actors import EndPhase, StartPhase
+
+        key = b""
+        trusted: dict[str, str] = {}
+        if signer is not None:
+            from cryptography.hazmat.primitives import serialization
+
+            key = signer.private_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            trusted = {signer.key_id: signer.public_b64}
+        self.ask(
+            StartPhase(
+                mode=mode,
+                urls=tuple(urls),
+                publish_url=urls[0],
+                configs=self._configs(mode, urls, trusted),
+                metrics_urls=tuple(metrics),
+                signing_key_pem=key,
+                started_at=self.t0,
+            ),
+            120,
+        )
+        return EndPhase
+
+    def _ramp(self, label: str) -> float | None:
+        s = self.scenario
+        started = time.monotonic()
+        limit = s.devices / max(s.ramp_rate, 1.0) * 2 + 60
+        p = self._wait(limit, label, until=lambda p: p.get("connected", 0) >= s.devices)
+        if p.get("connected", 0) >= s.devices:
+            return time.monotonic() - started
+        self.out(
+            f"\nramp: only {p.get('connected', 0)} of {s.devices} connected "
+            f"after {limit:.0f}s; going on"
+        )
+        return None
+
+    def _end_phase(self, end_cls):
+        self.out("")
+        return self.ask(end_cls(), 120)
+
+    def baseline(self, urls: list[str], metrics) -> model.Baseline:
+        from .actors import Probe
+
+        end = self._phase("raw", urls, metrics, None)
+        try:
+            self._ramp("baseline: connecting")
+            self._wait(3, "baseline: settling")
+            for n in range(1, PROBES + 1):
+                self.ask(Probe(n))
+                self._wait(
+                    10,
+                    f"baseline: probe {n}",
+                    until=lambda p, n=n: p.get("probes", {}).get(n, 0) >= p.get("connected", 0),
+                )
+        finally:
+            result = self._end_phase(end)
+        return model.Baseline(
+            devices=self.scenario.devices,
+            connected=max((x.connected for x in result.samples), default=0),
+            fanouts=result.fanouts,
+        )
+
+    def edgeward(self, urls: list[str], metrics, run: model.RunData) -> None:
+        from .actors import Command, PublishRevision
+
+        signer = Signer.generate()
+        end = self._phase("edgeward", urls, metrics, signer)
+        policies = Policies()
+        result = None
+        try:
+            run.ramp_seconds = self._ramp("connecting")
+            ramp_done = time.monotonic()
+            if self.scenario.offline_fraction > 0:
+                self.ask(Command("churn"))
+                run.actions.append(
+                    model.Action(
+                        time.time() - self.t0,
+                        "churn",
+                        {"offline_fraction": self.scenario.offline_fraction},
+                    )
+                )
+            cut_at: float | None = None
+            for step in self.scenario.timeline:
+                wait = ramp_done + step.at - time.monotonic()
+                if wait > 0:
+                    self._wait(wait, f"waiting for t={step.at:g}")
+                t = time.time() - self.t0
+                if step.action == "apply":
+                    revision, changed, selector = policies.step(step)
+                    targeted = sum(
+                        1
+                        for i, labels in enumerate(self.labels)
+                        if selector is None or selects(selector, device_name(i), labels)
+                    )
+                    reply = self.ask(
+                        PublishRevision(
+                            revision,
+                            tuple(policies.state.values()),
+                            tuple(changed),
+                            targeted=targeted,
+                            selector=selector,
+                        )
+                    )
+                    run.actions.append(
+                        model.Action(
+                            t,
+                            "apply",
+                            {
+                                "revision": revision,
+                                "changed": len(changed),
+                                "policies": len(policies.state),
+                                "targeted": targeted,
+                                "bundle_bytes": reply["bytes"],
+                            },
+                        )
+                    )
+                elif step.action == "cut":
+                    self.ask(Command("cut"))
+                    cut_at = time.monotonic()
+                    run.actions.append(model.Action(t, "cut"))
+                elif step.action == "restore":
+                    self.ask(Command("restore"))
+                    run.actions.append(model.Action(t, "restore"))
+                    restored = time.monotonic()
+                    self._wait(
+                        300,
+                        "reconnect storm",
+                        until=lambda p: p.get("connected", 0) >= p.get("online", 1),
+                    )
+                    all_connected = time.monotonic() - restored
+                    self._wait(
+                        300,
+                        "storm: syncing",
+                        until=lambda p: p.get("in_sync", 0) >= p.get("online", 1),
+                    )
+                    run.reconnect = {
+                        "all_connected_s": round(all_connected, 2),
+                        "all_in_sync_s": round(time.monotonic() - restored, 2),
+                        "offline_s": round(restored - cut_at, 2) if cut_at else None,
+                    }
+                elif step.action == "restart-node":
+                    self._restart_node(step.node, run)
+            remaining = ramp_done + self.scenario.duration - time.monotonic()
+            if remaining > 0:
+                self._wait(remaining, "running")
+            if policies.revision:
+                self._wait(
+                    SETTLE + 30,
+                    "settling",
+                    until=lambda p: p.get("in_sync", 0) >= p.get("online", 1),
+                )
+            run.completed = True
+        finally:
+            result = self._end_phase(end)
+            self._fold(run, result, policies.revision)
+
+    def _restart_node(self, node: int, run: model.RunData) -> None:
+        from .actors import Command
+
+        if self.cluster is None:
+            run.notes.append("restart-node needs --local-cluster; step skipped")
+            return
+        url = redact(self.cluster.amqp_urls[node - 1])
+        self.ask(Command("node-down", url))
+        t = time.time() - self.t0
+        self.out(f"\nrestarting node {node} ...")
+        started = time.monotonic()
+        self.cluster.restart_node(node)
+        run.actions.append(
+            model.Action(
+                t, "restart-node", {"node": node, "restart_s": round(time.monotonic() - started, 2)}
+            )
+        )
+        self._wait(
+            120, "after node restart", until=lambda p: p.get("connected", 0) >= p.get("online", 1)
+        )
+        self.ask(Command("node-up", url))
+
+    def _fold(self, run: model.RunData, result: Any, latest: int) -> None:
+        run.samples = result.samples
+        run.broker = result.broker
+        run.rollouts = result.rollouts
+        run.errors = result.errors
+        run.unexpected_closes = result.unexpected_closes
+        run.heartbeats_sent = result.heartbeats
+        run.client_base_rss_bytes = result.base_rss
+        online = [rev for rev, on in zip(result.revisions, result.online, strict=False) if on]
+        run.messages_expected = len(online) * latest
+        run.messages_received = sum(min(rev, latest) for rev in online)
+        run.notes.extend(result.notes)
+
+    # -- the whole run --------------------------------------------------------------------
+
+    def execute(self) -> dict:
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        s = self.scenario
+        run_id = uuid.uuid4().hex[:8]
+        urls, metrics, config_label = self._broker()
+        self.run = run = model.RunData(
+            scenario=s.to_dict(),
+            devices=s.devices,
+            workers=s.worker_count,
+            verify=self.verify,
+            share_connections=self.share,
+            brokers=[redact(u) for u in urls],
+            nodes=[n for n, _ in metrics],
+            broker_config=config_label,
+            started_at=self.t0,
+            machine=_machine(),
+            versions=_versions(),
+        )
+        try:
+            self._start_actors()
+            if s.baseline:
+                raw_urls = self._vhost(urls, f"edgeward-sim-{run_id}-raw")
+                self.out(f"baseline: {s.devices} raw devices over {len(urls)} node(s)")
+                run.baseline = self.baseline(raw_urls, metrics)
+                self._drop_vhost(f"edgeward-sim-{run_id}-raw")
+            sim_urls = self._vhost(urls, f"edgeward-sim-{run_id}")
+            self.out(
+                f"edgeward: {s.devices} devices, {s.worker_count} worker(s), "
+                f"verify={self.verify}, "
+                + (
+                    f"{self.share} devices per connection"
+                    if self.share > 1
+                    else "one connection per device"
+                )
+            )
+            self.edgeward(sim_urls, metrics, run)
+        except Aborted:
+            self.out("\ninterrupted: writing a partial report")
+            run.completed = False
+        finally:
+            run.duration = time.time() - self.t0
+            self.cleanup()
+        from . import report
+
+        return report.write(run, self.report_dir, **self.sizing)
+
+    def _drop_vhost(self, name: str) -> None:
+        if self.api is not None and name in self.vhosts:
+            try:
+                self.api.delete_vhost(name)
+            except Exception:
+                pass
+            self.vhosts.remove(name)
+
+    def cleanup(self) -> None:
+        if self.asys is not None:
+            try:
+                self.asys.shutdown()
+            except Exception:
+                pass
+            self.asys = None
+        for name in list(self.vhosts):
+            self._drop_vhost(name)
+        if self.cluster is not None:
+            self.out("stopping the local cluster ...")
+            self.cluster.stop()
+            self.cluster = None
+
+
+def simulate(args: Any) -> int:
+    """The CLI verb."""
+    from .scenario import load
+
+    scenario = load(args.scenario)
+    if args.devices:
+        scenario = replace(scenario, devices=args.devices)
+    if args.workers:
+        scenario = replace(scenario, workers=args.workers)
+    if args.no_baseline:
+        scenario = replace(scenario, baseline=False)
+    if args.local_cluster and args.broker:
+        raise ValueError("give --broker or --local-cluster, not both")
+    brokers = [u for b in (args.broker or []) for u in split_urls(b)]
+    if not args.local_cluster and not brokers:
+        brokers = split_urls(args.broker_url)
+    report_dir = Path(args.report)
+    if args.local_cluster and not shutil.which("rabbitmq-server"):
+        raise ValueError("--local-cluster needs Debian's rabbitmq-server (run `make broker`)")
+    runner = Runner(
+        scenario,
+        report_dir,
+        brokers=brokers,
+        local_cluster=args.local_cluster,
+        broker_config=Path(args.broker_config) if args.broker_config else None,
+        metrics_urls=args.metrics_url,
+        verify=args.verify,
+        share_connections=args.share_connections,
+        node_memory=int(args.node_memory * 1024**3),
+        node_fds=args.node_fds,
+        node_cores=args.node_cores,
+        headroom=args.headroom,
+        out=lambda line: print(line, flush=True),
+    )
+
+    def interrupt(*_: Any) -> None:
+        runner.abort.set()
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    figures = runner.execute()
+    p = figures.get("propagation_ms") or {}
+    print(f"\nreport: {report_dir / 'report.md'}")
+    print(
+        f"devices {figures.get('devices')}, connected max {figures.get('connected_max')}, "
+        f"converged {figures.get('converged')}, propagation p50/p99/max "
+        f"{p.get('p50')}/{p.get('p99')}/{p.get('max')} ms, raw baseline ratio "
+        f"{figures.get('raw_baseline_ratio')}, messages lost {figures.get('messages_lost')}, "
+        f"unexpected closes {figures.get('unexpected_closes')}"
+    )
+    return 0 if figures.get("completed", True) else 130

@@ -1,0 +1,330 @@
+"""A shard of the simulated fleet: thousands of devices in one asyncio loop.
+
+Each :class:`SimDevice` is the real :class:`~edgeward.actors.shell.AgentShell`
+around the real agent core, with the ``builtin`` backend and an in-memory
+cache; each has its own AMQP connection (pika ``AsyncioConnection``), or
+shares one with ``share`` others.  :class:`RawDevice` is the broker floor:
+the same connection and stream consumer, but it only acks.
+
+The :class:`Shard` knows nothing of Thespian: the WorkerShard actor drives
+its loop in slices, and tests can drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+from edgeward.actors import core as c
+from edgeward.actors.shell import AgentShell, Link, MemoryCache
+from edgeward.enforcement.backend import BuiltinBackend
+from edgeward.enforcement.selector import selects
+from edgeward.transport import topology
+from edgeward.transport.connection import Backoff
+from edgeward.transport.signing import CachingVerifier, Verifier
+
+from .scenario import device_name
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class ShardConfig:
+    first: int  # index of the shard's first device
+    labels: list[dict[str, str]]  # one per device
+    urls: list[str]
+    mode: str  # "edgeward" | "raw"
+    trusted_keys: dict[str, str] = field(default_factory=dict)
+    verify: str = "every"
+    share: int = 1  # devices per connection
+    heartbeat_interval: float = 10.0
+    ramp_rate: float = 100.0  # connections per second for this shard
+    offline_fraction: float = 0.0
+    mean_offline: float = 30.0
+    seed: int = 0
+
+
+class SimDevice(AgentShell):
+    def __init__(self, shard: Shard, index: int, core: c.AgentCore) -> None:
+        super().__init__(core, BuiltinBackend(), MemoryCache())
+        self.shard = shard
+        self.index = index
+        self.online_since = 0.0
+
+    def applied(self, revision: int, policies: Sequence[Any]) -> None:
+        self.shard.record_apply(self, revision)
+
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self.shard.note_publish(properties.headers)
+        super()._on_message(channel, method, properties, body)
+
+
+class RawDevice:
+    """Same connection and stream consumer as a device; only acks."""
+
+    def __init__(self, shard: Shard, index: int) -> None:
+        self.shard = shard
+        self.index = index
+        self.device = device_name(index)
+        self.channel: Any = None
+        self.online_since = 0.0
+        self.deliveries = 0
+        self.heartbeats = 0
+
+    def attach(self, channel: Any, prefetch: int) -> None:
+        self.channel = channel
+        channel.basic_qos(prefetch_count=prefetch, callback=self._on_qos)
+
+    def _on_qos(self, _frame: Any) -> None:
+        self.channel.basic_consume(
+            topology.POLICY_STREAM, self._on_message, arguments={"x-stream-offset": "next"}
+        )
+
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        channel.basic_ack(method.delivery_tag)
+        self.deliveries += 1
+        headers = properties.headers or {}
+        sent = headers.get("published_us")
+        if isinstance(sent, int):
+            self.shard.receipts.append((int(headers.get("probe", 0)), time.time() - sent / 1e6))
+
+    def detach(self, reason: str) -> None:
+        self.channel = None
+
+    def tick(self) -> None:
+        pass
+
+
+class Shard:
+    def __init__(self, config: ShardConfig, loop: asyncio.AbstractEventLoop) -> None:
+        # Links count and classify every failure; pika's own log would repeat
+        # each one for thousands of devices.
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
+        self.base_rss = self._rss()
+        self.config = config
+        self.loop = loop
+        self.rng = random.Random(config.seed)
+        verifier: Verifier | None = None
+        if config.mode == "edgeward":
+            cls = CachingVerifier if config.verify == "cached" else Verifier
+            verifier = cls(config.trusted_keys)
+        self.devices: list[SimDevice | RawDevice] = []
+        for i, labels in enumerate(config.labels):
+            index = config.first + i
+            if config.mode == "raw":
+                self.devices.append(RawDevice(self, index))
+            else:
+                core = c.AgentCore(
+                    device_name(index),
+                    labels,
+                    verifier,  # type: ignore[arg-type]
+                    heartbeat_interval=config.heartbeat_interval,
+                )
+                self.devices.append(SimDevice(self, index, core))
+        self.links: list[Link] = []
+        group = max(1, config.share)
+        for start in range(0, len(self.devices), group):
+            members = self.devices[start : start + group]
+            index = members[0].index
+            self.links.append(
+                link := Link(
+                    members,
+                    config.urls,
+                    AsyncioConnection,
+                    loop,
+                    name=f"edgeward-sim {device_name(index)}",
+                    heartbeat=60,
+                    timeout=30,
+                    on_event=self._on_link_event,
+                    backoff=Backoff(base=1.0, cap=30.0, rng=self.rng),
+                    first_node=index,
+                )
+            )
+            for member in members:
+                member.link = link
+        self.errors: Counter[str] = Counter()
+        self.unexpected_closes = 0
+        self.applies: list[tuple[int, float, bool]] = []  # (revision, latency s, late)
+        self.receipts: list[tuple[int, float]] = []  # raw probes: (probe, latency s)
+        self.published: dict[int, float] = {}
+        self.latest = 0
+        self.targeted_online: dict[int, int] = {}  # revision -> targeted devices online
+        self.down_nodes: set[str] = set()
+        self._offline: dict[int, asyncio.TimerHandle] = {}  # link index -> return timer
+        self._ramp_task: asyncio.Task | None = None
+        self._churn_task: asyncio.Task | None = None
+        self.cpu0 = self._cpu()
+
+    # -- life cycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        for device in self.devices:
+            if isinstance(device, SimDevice):
+                device.start()
+        self._ramp_task = self.loop.create_task(self._ramp())
+        self.loop.call_later(1.0, self._tick)
+
+    async def _ramp(self) -> None:
+        interval = 1.0 / self.config.ramp_rate if self.config.ramp_rate > 0 else 0.0
+        started = time.monotonic()
+        for n, link in enumerate(self.links):
+            link.start()
+            for shell in link.shells:
+                shell.online_since = time.time()
+            due = started + (n + 1) * interval * max(1, self.config.share)
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    def _tick(self) -> None:
+        for device in self.devices:
+            device.tick()
+        self.loop.call_later(1.0, self._tick)
+
+    def start_churn(self) -> None:
+        if self.config.offline_fraction > 0 and self._churn_task is None:
+            self._churn_task = self.loop.create_task(self._churn())
+
+    async def _churn(self) -> None:
+        """Each second, links leave at a rate that keeps the offline fraction."""
+        f, mean_off = self.config.offline_fraction, self.config.mean_offline
+        mean_on = mean_off * (1 - f) / f
+        while True:
+            await asyncio.sleep(1.0)
+            p_leave = 1 - math.exp(-1.0 / mean_on)
+            for i, link in enumerate(self.links):
+                if i in self._offline or not link.wanted:
+                    continue
+                if self.rng.random() < p_leave:
+                    link.cut()
+                    back = self.rng.expovariate(1.0 / mean_off)
+                    self._offline[i] = self.loop.call_later(back, self._return, i)
+
+    def _return(self, i: int) -> None:
+        self._offline.pop(i, None)
+        link = self.links[i]
+        for shell in link.shells:
+            shell.online_since = time.time()
+        link.start()
+
+    def cut(self) -> None:
+        if self._churn_task is not None:
+            self._churn_task.cancel()
+            self._churn_task = None
+        for handle in self._offline.values():
+            handle.cancel()
+        self._offline.clear()
+        if self._ramp_task is not None:
+            self._ramp_task.cancel()
+        for link in self.links:
+            link.cut()
+
+    def restore(self) -> None:
+        now = time.time()
+        for link in self.links:
+            if not link.wanted:
+                for shell in link.shells:
+                    shell.online_since = now
+                link.start()
+
+    def stop(self) -> None:
+        self.cut()
+        for link in self.links:
+            link.stopped = True
+
+    def set_latest(self, revision: int, selector: dict[str, str] | None) -> None:
+        """A revision was published; count the targeted devices online now."""
+        self.latest = revision
+        self.targeted_online[revision] = sum(
+            1
+            for d, labels in zip(self.devices, self.config.labels, strict=True)
+            if d.link.wanted and (selector is None or selects(selector, d.device, labels))
+        )
+
+    # -- what devices tell the shard ------------------------------------------------
+
+    def note_publish(self, headers: dict | None) -> None:
+        if headers and "revision" in headers and "published_us" in headers:
+            self.published.setdefault(int(headers["revision"]), headers["published_us"] / 1e6)
+
+    def record_apply(self, device: SimDevice, revision: int) -> None:
+        sent = self.published.get(revision)
+        if sent is None:
+            return  # the cached set at start, or a revision published before the run
+        self.applies.append((revision, time.time() - sent, device.online_since > sent))
+
+    def _on_link_event(self, kind: str, detail: str) -> None:
+        if kind in ("connected", "closed"):
+            return
+        if kind.startswith("lost:"):
+            node_down = any(
+                detail.startswith(url.split("@")[-1]) or url in detail for url in self.down_nodes
+            )
+            if not node_down:
+                self.unexpected_closes += 1
+        self.errors[kind] += 1
+
+    # -- figures -------------------------------------------------------------------
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * PAGE
+
+    @staticmethod
+    def _cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def final(self) -> dict[str, Any]:
+        """Per-device end state: fleet revision reached and whether meant online."""
+        return {
+            "revisions": [
+                d.core.state.revision if isinstance(d, SimDevice) else 0 for d in self.devices
+            ],
+            "online": [link.wanted for link in self.links for _ in link.shells],
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counts now, and the samples gathered since the last snapshot."""
+        connected = sum(len(link.shells) for link in self.links if link.is_open)
+        online = sum(len(link.shells) for link in self.links if link.wanted)
+        in_sync = 0
+        if self.config.mode == "edgeward" and self.latest:
+            in_sync = sum(
+                1
+                for d in self.devices
+                if isinstance(d, SimDevice)
+                and d.core.state.revision >= self.latest
+                and d.channel is not None
+            )
+        rss = self._rss()
+        applies, self.applies = self.applies, []
+        receipts, self.receipts = self.receipts, []
+        targeted, self.targeted_online = self.targeted_online, {}
+        return {
+            "targeted_online": targeted,
+            "devices": len(self.devices),
+            "connected": connected,
+            "online": online,
+            "in_sync": in_sync,
+            "errors": dict(self.errors),
+            "unexpected_closes": self.unexpected_closes,
+            "deliveries": sum(d.deliveries for d in self.devices),
+            "heartbeats": sum(d.heartbeats for d in self.devices),
+            "rss": rss,
+            "base_rss": self.base_rss,
+            "cpu": self._cpu() - self.cpu0,
+            "applies": applies,
+            "receipts": receipts,
+        }

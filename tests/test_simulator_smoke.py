@@ -1,0 +1,126 @@
+"""The fleet simulator's smoke scenario, run for real against the local
+broker (the simulator makes and removes vhosts of its own), with the
+report's arithmetic checked."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeward.simulator.scenario import ScenarioError, labels_for, load, parse
+
+ROOT = Path(__file__).parent.parent
+SMOKE = ROOT / "simulator" / "scenarios" / "smoke.toml"
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory: pytest.TempPathFactory, broker_admin) -> dict:
+    out = tmp_path_factory.mktemp("smoke")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeward.actors.cli",
+            "simulate",
+            str(SMOKE),
+            "--report",
+            str(out),
+            "--broker-url",
+            "amqp://guest:guest@127.0.0.1:5672/%2F",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    report["_dir"] = str(out)
+    report["_stdout"] = done.stdout
+    return report
+
+
+def test_every_online_device_converged_and_nothing_was_lost(smoke_report: dict) -> None:
+    r = smoke_report
+    assert r["completed"] is True
+    assert r["devices"] == 200 and r["connected_max"] == 200
+    assert r["converged"] is True
+    assert r["messages"]["expected"] == r["messages"]["received"] + r["messages_lost"]
+    assert r["messages_lost"] == 0
+    assert r["unexpected_closes"] == 0
+
+
+def test_every_rollout_reached_all_its_online_targets(smoke_report: dict) -> None:
+    per_revision = smoke_report["propagation_ms"]["per_revision"]
+    assert [p["revision"] for p in per_revision] == [1, 2]
+    for rollout in per_revision:
+        # the CDF ends at 100%: every targeted device online at publish has it in force
+        assert rollout["in_force"] == rollout["online_at_publish"] > 0
+        assert rollout["time_to_100_ms"] == rollout["max"]
+    # revision 2 changes only what store=berlin selects
+    berlin = sum(labels_for(load(SMOKE), i)["store"] == "berlin" for i in range(200))
+    assert per_revision[1]["targeted"] == berlin < 200
+
+
+def test_propagation_percentiles_are_ordered_and_the_baseline_was_measured(
+    smoke_report: dict,
+) -> None:
+    p = smoke_report["propagation_ms"]
+    assert 0 < p["p50"] <= p["p90"] <= p["p99"] <= p["max"]
+    assert smoke_report["baseline"] is not None
+    assert smoke_report["raw_baseline_ratio"] > 0
+
+
+def test_sizing_follows_from_the_measured_per_device_costs(smoke_report: dict) -> None:
+    sizing = smoke_report["sizing"]
+    inputs = sizing["inputs"]
+    assert inputs["memory_bytes_per_device"] > 0
+    for fleet in sizing["fleets"]:
+        memory = fleet["constraints"]["memory"]
+        expected = max(
+            1,
+            math.ceil(
+                fleet["devices"] * inputs["memory_bytes_per_device"] / memory["capacity_per_node"]
+            ),
+        )
+        assert memory["nodes"] == expected
+        assert fleet["nodes"] >= memory["nodes"]
+    assert [f["devices"] for f in sizing["fleets"]] == [10_000, 35_000, 100_000]
+
+
+def test_report_has_its_summary_and_charts(smoke_report: dict) -> None:
+    out = Path(smoke_report["_dir"])
+    md = (out / "report.md").read_text()
+    assert "Propagation" in md and "sizing" in md.lower()
+    for chart in ("connected", "propagation_cdf", "in_sync", "broker", "rates", "client"):
+        assert (out / f"{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "report:" in smoke_report["_stdout"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("devices = 10\n", "`duration` is required"),
+        ("devices = 10\nduration = 5\ncolour = 1\n", "unknown keys ['colour']"),
+        (
+            "devices = 10\nduration = 5\n[[timeline]]\nat = 1\naction = 'explode'\n",
+            "action must be one of",
+        ),
+        ("devices = 10\nduration = 5\nverify = 'sometimes'\n", "`verify`"),
+        ("devices = 0\nduration = 5\n", "`devices` must be > 0"),
+        ("devices = [\n", "not TOML"),
+    ],
+)
+def test_bad_scenario_is_refused_naming_the_key(text: str, fragment: str) -> None:
+    with pytest.raises(ScenarioError, match="x.toml") as info:
+        parse(text, "x.toml")
+    assert fragment in str(info.value)
+
+
+def test_every_shipped_scenario_parses() -> None:
+    for path in sorted((ROOT / "simulator" / "scenarios").glob("*.toml")):
+        assert load(path).devices > 0
