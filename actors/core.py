@@ -47,11 +47,11 @@ Rules
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeward.enforcement.digest import EMPTY_DIGEST, state_digest
+from edgeward.enforcement.digest import EMPTY_DIGEST, combine, doc_digest, state_digest
 from edgeward.enforcement.selector import selects
 from edgeward.transport.errors import LocalProtocolError, RemoteProtocolError
 from edgeward.transport.signing import Verifier
@@ -121,6 +121,7 @@ Event = Started | LinkUp | LinkLost | Delivery | ApplyResult | Tick
 class Apply:
     policies: tuple[Doc, ...]
     revision: int
+    digest: str = ""  # the digest of exactly these policies, from the signed per-policy digests
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class _InFlight:
     delivery: Delivery
     bundle: Bundle
     fleet: dict[str, Doc]
+    digests: dict[str, str]
     link: int  # which link the delivery came on: its tag means nothing on another
 
 
@@ -194,6 +196,7 @@ class AgentState:
     offset: int | None = None
     applied_revision: int = 0
     fleet: dict[str, Doc] = field(default_factory=dict)
+    fleet_digests: dict[str, str] = field(default_factory=dict)  # name -> policy digest
     last_bundle: bytes = b""
     in_force_digest: str = EMPTY_DIGEST
     status: str = "starting"  # starting | ok | failed
@@ -213,8 +216,12 @@ class AgentCore:
         *,
         heartbeat_interval: float = 10.0,
         retry_interval: float = 30.0,
+        intern: Callable[[str, Doc], Doc] | None = None,
     ) -> None:
         self.device = device
+        # Many cores in one process (the simulator) share one copy of each
+        # policy document, keyed by its signed digest; a device keeps its own.
+        self.intern = intern
         self.labels = dict(labels)
         self.verifier = verifier
         self.heartbeat_interval = heartbeat_interval
@@ -280,10 +287,11 @@ class AgentCore:
                 s.offset = ev.cache.offset
                 s.applied_revision = ev.cache.applied_revision
                 s.fleet = {policy_name(dict(d)): d for d in ev.cache.fleet}
+                s.fleet_digests = {name: doc_digest(d) for name, d in s.fleet.items()}
                 s.last_bundle = ev.cache.bundle
                 self._cached_digest = ev.cache.digest
                 self._startup_apply = True
-                effects.append(Apply(tuple(self.selected), s.revision))
+                effects.append(self._apply_selected())
                 effects.append(
                     Report("info", f"cached revision {s.revision} loaded, putting it in force")
                 )
@@ -328,7 +336,6 @@ class AgentCore:
 
     def _on_Tick(self, ev: Tick) -> list[Effect]:
         effects: list[Effect] = []
-        s = self.state
         if (
             self._apply_wanted_at is not None
             and self._in_flight is None
@@ -338,7 +345,7 @@ class AgentCore:
             self._startup_apply = True  # a retry: no delivery behind it
             self._retrying = True
             # The heartbeat follows the apply's result, not before it.
-            return [Apply(tuple(self.selected), s.revision)]
+            return [self._apply_selected()]
         effects.extend(self._maybe_heartbeat())
         return effects
 
@@ -389,20 +396,26 @@ class AgentCore:
             if bundle.revision > s.revision + 1:
                 return self._gap(ev, f"expected revision {s.revision + 1}, got {bundle.revision}")
             fleet = dict(s.fleet)
+            digests = dict(s.fleet_digests)
             for name in bundle.deleted:
                 fleet.pop(name, None)
+                digests.pop(name, None)
             for doc in bundle.policies:
                 fleet[policy_name(doc)] = doc
+            digests.update(bundle.digests)
+            self._intern(fleet, bundle.digests)
         else:
             if bundle.revision < s.revision:
                 return self._reject(ev, "stale", f"snapshot {bundle.revision} < {s.revision}")
             if bundle.revision == s.revision:
-                if bundle.sha256 == state_digest(s.fleet.values()):
+                if bundle.sha256 == combine(s.fleet_digests):
                     return self._skip(ev)
                 return self._reject(ev, "conflicting_snapshot", f"revision {bundle.revision}")
             fleet = {policy_name(doc): doc for doc in bundle.policies}
+            digests = dict(bundle.digests)
+            self._intern(fleet, digests)
 
-        if state_digest(fleet.values()) != bundle.sha256:
+        if combine(digests) != bundle.sha256:
             if bundle.mode == "snapshot":
                 return self._reject(ev, "digest_mismatch", f"snapshot {bundle.revision}")
             return self._gap(ev, f"state after revision {bundle.revision} does not match")
@@ -413,12 +426,24 @@ class AgentCore:
         if was_awaiting:
             effects.append(Report("info", f"recovered from snapshot {bundle.revision}"))
         chosen = select_for(fleet, self.device, self.labels)
-        if state_digest(chosen) == s.in_force_digest and s.status != "failed":
-            effects.extend(self._commit(ev, bundle, fleet, changed=False, link=self._link))
+        digest = combine({policy_name(d): digests[policy_name(d)] for d in chosen})
+        if digest == s.in_force_digest and s.status != "failed":
+            effects.extend(self._commit(ev, bundle, fleet, digests, changed=False, link=self._link))
             return effects
-        self._in_flight = _InFlight(ev, bundle, fleet, self._link)
-        effects.append(Apply(tuple(chosen), bundle.revision))
+        self._in_flight = _InFlight(ev, bundle, fleet, digests, self._link)
+        effects.append(Apply(tuple(chosen), bundle.revision, digest))
         return effects
+
+    def _intern(self, fleet: dict[str, Doc], digests: Mapping[str, str]) -> None:
+        if self.intern is not None:
+            for name, digest in digests.items():
+                fleet[name] = self.intern(digest, fleet[name])
+
+    def _apply_selected(self) -> Apply:
+        s = self.state
+        chosen = self.selected
+        digests = {policy_name(d): s.fleet_digests[policy_name(d)] for d in chosen}
+        return Apply(tuple(chosen), s.revision, combine(digests))
 
     def _gap(self, ev: Delivery, detail: str) -> list[Effect]:
         s = self.state
@@ -443,12 +468,20 @@ class AgentCore:
         )
 
     def _commit(
-        self, ev: Delivery, bundle: Bundle, fleet: dict[str, Doc], *, changed: bool, link: int
+        self,
+        ev: Delivery,
+        bundle: Bundle,
+        fleet: dict[str, Doc],
+        digests: dict[str, str],
+        *,
+        changed: bool,
+        link: int,
     ) -> list[Effect]:
         s = self.state
         s.revision = bundle.revision
         s.offset = ev.offset
         s.fleet = fleet
+        s.fleet_digests = digests
         s.last_bundle = ev.body
         if changed:
             s.applied_revision = bundle.revision
@@ -482,7 +515,12 @@ class AgentCore:
             flight, self._in_flight = self._in_flight, None
             effects.extend(
                 self._commit(
-                    flight.delivery, flight.bundle, flight.fleet, changed=ev.ok, link=flight.link
+                    flight.delivery,
+                    flight.bundle,
+                    flight.fleet,
+                    flight.digests,
+                    changed=ev.ok,
+                    link=flight.link,
                 )
             )
             if not ev.ok:

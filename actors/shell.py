@@ -105,9 +105,9 @@ class AgentShell:
 
     def _carry_out(self, effect: c.Effect) -> c.Event | None:
         match effect:
-            case c.Apply(policies=policies, revision=revision):
+            case c.Apply(policies=policies, revision=revision, digest=expected):
                 try:
-                    digest = self.backend.apply(policies)
+                    digest = self.backend.apply(policies, expected)
                 except BackendError as exc:
                     return c.ApplyResult(self.clock(), False, self.backend.digest, str(exc))
                 self.applied(revision, policies)

@@ -21,8 +21,11 @@ class BackendError(Exception):
 class Backend(Protocol):
     name: str
 
-    def apply(self, policies: Sequence[Mapping[str, Any]]) -> str:
-        """Put exactly ``policies`` in force; return the digest now in force."""
+    def apply(self, policies: Sequence[Mapping[str, Any]], digest: str = "") -> str:
+        """Put exactly ``policies`` in force; return the digest now in force.
+
+        ``digest``, when given, is the caller's digest of exactly these
+        documents (from the signed per-policy digests of the bundle)."""
         ...
 
     @property
@@ -45,9 +48,11 @@ class BuiltinBackend:
         self._digest = EMPTY_DIGEST
         self.applies = 0
 
-    def apply(self, policies: Sequence[Mapping[str, Any]]) -> str:
+    def apply(self, policies: Sequence[Mapping[str, Any]], digest: str = "") -> str:
         self._policies = tuple(policies)
-        self._digest = state_digest(self._policies)
+        # It holds exactly what it was given, so the caller's digest of those
+        # documents is its own; without one it computes it.
+        self._digest = digest or state_digest(self._policies)
         self.applies += 1
         return self._digest
 

@@ -8,12 +8,15 @@ Kinds (schema version 1):
 
 ``bundle``  (policy stream, control plane -> devices)
     ``{v, kind, key_id, sig, body}`` where ``body`` is the CBOR encoding of
-    ``{v, kind="revision", revision, issued_at, mode, policies, deleted, sha256}`` and ``sig``
+    ``{v, kind="revision", revision, issued_at, mode, policies, digests, deleted, sha256}``
+    and ``sig``
     the Ed25519 signature of exactly those bytes.  ``mode`` is ``delta``
     (``policies`` are the documents added or changed by this revision,
     ``deleted`` the names removed) or ``snapshot`` (``policies`` is the whole
     fleet state, ``deleted`` empty).  ``sha256`` is the digest of the whole
-    fleet state after the revision (:func:`edgeward.enforcement.digest.state_digest`).
+    fleet state after the revision (:func:`edgeward.enforcement.digest.state_digest`);
+    ``digests`` maps each policy in ``policies`` to its digest, so a device
+    gets the digest of any set it selects without serialising documents.
 
 ``heartbeat``  (telemetry exchange, device -> control plane)
     ``{v, kind, device, time, revision, applied_revision, hash, status,
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
+
+from edgeward.enforcement.digest import doc_digest
 
 from .errors import RemoteProtocolError
 
@@ -110,12 +115,17 @@ class Bundle:
     policies: tuple[dict[str, Any], ...]
     sha256: str
     deleted: tuple[str, ...] = ()
+    digests: dict[str, str] = field(default_factory=dict)  # filled from policies if empty
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if self.revision < 1:
             raise ValueError("revision starts at 1")
+        if not self.digests and self.policies:
+            object.__setattr__(
+                self, "digests", {policy_name(p): doc_digest(p) for p in self.policies}
+            )
 
     def encode_body(self) -> bytes:
         return encode(
@@ -126,6 +136,7 @@ class Bundle:
                 "issued_at": self.issued_at,
                 "mode": self.mode,
                 "policies": list(self.policies),
+                "digests": dict(self.digests),
                 "deleted": list(self.deleted),
                 "sha256": self.sha256,
             }
@@ -146,6 +157,11 @@ class Bundle:
             raise RemoteProtocolError("malformed", "a policy without metadata.name")
         if not all(isinstance(n, str) for n in deleted):
             raise RemoteProtocolError("malformed", "deleted names must be strings")
+        digests = _require(obj, "digests", dict)
+        if set(digests) != {_policy_name(p) for p in policies} or not all(
+            isinstance(d, str) for d in digests.values()
+        ):
+            raise RemoteProtocolError("malformed", "digests must name exactly the policies")
         return cls(
             revision=revision,
             issued_at=float(_require(obj, "issued_at", int | float)),
@@ -153,6 +169,7 @@ class Bundle:
             policies=tuple(policies),
             deleted=tuple(deleted),
             sha256=_require(obj, "sha256", str),
+            digests=digests,
         )
 
 
