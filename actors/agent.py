@@ -8,7 +8,6 @@ is protected within a second.
 
 from __future__ import annotations
 
-import logging
 import signal
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 from pika.adapters.select_connection import IOLoop, SelectConnection
 
 from edgeward.enforcement.backend import Backend, BuiltinBackend
-from edgeward.transport.connection import split_urls
+from edgeward.transport.connection import quiet_pika, split_urls
 from edgeward.transport.signing import Verifier
 
 from . import core as c
@@ -111,6 +110,6 @@ def run_agent(config_path: Path) -> int:
     config = AgentConfig.read(config_path)
     # The agent says what happened to its link in its own words; pika's log
     # would repeat each failure several times over.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    quiet_pika()
     agent = LocalEnforcer(config, out=lambda line: print(f"[{config.device}] {line}", flush=True))
     return agent.run()

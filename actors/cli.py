@@ -479,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("scenario", help="scenario TOML (see simulator/scenarios/)")
     sim.add_argument("--devices", type=int, help="fleet size (overrides the scenario)")
     sim.add_argument("--workers", type=int, help="worker processes (default: one per 5,000)")
+    sim.add_argument(
+        "--ramp-rate",
+        type=float,
+        metavar="PER_SECOND",
+        help="new connections per second, whole fleet (overrides the scenario)",
+    )
     where = sim.add_mutually_exclusive_group()
     where.add_argument(
         "--broker",
@@ -517,6 +523,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="M devices per AMQP connection, to show what sharing would save",
     )
     sim.add_argument("--no-baseline", action="store_true", help="skip the raw baseline phase")
+    sim.add_argument(
+        "--baseline-only",
+        action="store_true",
+        help="run only the raw baseline (sizes the broker for bare connections)",
+    )
+    sim.add_argument(
+        "--baseline-delivery",
+        choices=["stream", "queue"],
+        default="stream",
+        help="raw devices consume the policy stream (default, like the agent) or "
+        "an exclusive queue each bound to the policy exchange (the cheaper "
+        "alternative in DESIGN.md)",
+    )
     sim.add_argument("--report", required=True, metavar="DIR", help="where the report goes")
     sim.add_argument(
         "--node-memory",

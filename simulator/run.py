@@ -48,6 +48,10 @@ class Aborted(Exception):
     pass
 
 
+class _BaselineOnly(Exception):
+    pass
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -156,6 +160,8 @@ class Runner:
         metrics_urls: list[str] | None = None,
         verify: str | None = None,
         share_connections: int = 0,
+        baseline_delivery: str = "stream",
+        baseline_only: bool = False,
         node_memory: int,
         node_fds: int,
         node_cores: int,
@@ -170,6 +176,8 @@ class Runner:
         self.metrics_urls = metrics_urls
         self.verify = verify or scenario.verify
         self.share = share_connections
+        self.baseline_delivery = baseline_delivery
+        self.baseline_only = baseline_only
         self.sizing = {
             "node_memory_bytes": node_memory,
             "node_fds": node_fds,
@@ -296,6 +304,7 @@ class Runner:
                     urls=urls,
                     mode=mode,
                     trusted_keys=trusted,
+                    delivery=self.baseline_delivery,
                     verify=self.verify,
                     share=max(1, self.share),
                     heartbeat_interval=s.heartbeat_interval,
@@ -401,6 +410,13 @@ class Runner:
                 )
         finally:
             result = self._end_phase(end)
+            # Baseline only, or stopped during the baseline: its figures are the run's.
+            if (self.baseline_only or self.abort.is_set()) and self.run is not None:
+                self.run.samples = result.samples
+                self.run.broker = result.broker
+                self.run.errors = result.errors
+                self.run.unexpected_closes = result.unexpected_closes
+                self.run.client_base_rss_bytes = result.base_rss
         return model.Baseline(
             devices=self.scenario.devices,
             connected=max((x.connected for x in result.samples), default=0),
@@ -563,6 +579,13 @@ class Runner:
                 self.out(f"baseline: {s.devices} raw devices over {len(urls)} node(s)")
                 run.baseline = self.baseline(raw_urls, metrics)
                 self._drop_vhost(f"edgeward-sim-{run_id}-raw")
+            if self.baseline_only:
+                run.completed = True
+                run.notes.append(
+                    f"baseline only ({self.baseline_delivery} delivery): no edgeward phase; "
+                    "the broker figures and sizing are the raw devices'"
+                )
+                raise _BaselineOnly()
             sim_urls = self._vhost(urls, f"edgeward-sim-{run_id}")
             self.out(
                 f"edgeward: {s.devices} devices, {s.worker_count} worker(s), "
@@ -574,6 +597,8 @@ class Runner:
                 )
             )
             self.edgeward(sim_urls, metrics, run)
+        except _BaselineOnly:
+            pass
         except Aborted:
             self.out("\ninterrupted: writing a partial report")
             run.completed = False
@@ -616,8 +641,12 @@ def simulate(args: Any) -> int:
         scenario = replace(scenario, devices=args.devices)
     if args.workers:
         scenario = replace(scenario, workers=args.workers)
+    if args.ramp_rate:
+        scenario = replace(scenario, ramp_rate=args.ramp_rate)
     if args.no_baseline:
         scenario = replace(scenario, baseline=False)
+    if args.baseline_only and args.no_baseline:
+        raise ValueError("--baseline-only and --no-baseline contradict each other")
     if args.local_cluster and args.broker:
         raise ValueError("give --broker or --local-cluster, not both")
     brokers = [u for b in (args.broker or []) for u in split_urls(b)]
@@ -635,6 +664,8 @@ def simulate(args: Any) -> int:
         metrics_urls=args.metrics_url,
         verify=args.verify,
         share_connections=args.share_connections,
+        baseline_delivery=args.baseline_delivery,
+        baseline_only=args.baseline_only,
         node_memory=int(args.node_memory * 1024**3),
         node_fds=args.node_fds,
         node_cores=args.node_cores,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import math
 import os
 import random
@@ -31,7 +30,7 @@ from edgeward.actors.shell import AgentShell, Link, MemoryCache
 from edgeward.enforcement.backend import BuiltinBackend
 from edgeward.enforcement.selector import selects
 from edgeward.transport import topology
-from edgeward.transport.connection import Backoff
+from edgeward.transport.connection import Backoff, quiet_pika
 from edgeward.transport.signing import CachingVerifier, Verifier
 
 from .scenario import device_name
@@ -45,6 +44,10 @@ class ShardConfig:
     labels: list[dict[str, str]]  # one per device
     urls: list[str]
     mode: str  # "edgeward" | "raw"
+    # How raw devices receive: "stream" (a stream consumer each, like the
+    # agent) or "queue" (an exclusive classic queue each, bound to the policy
+    # exchange: the design's cheaper alternative, measured for comparison).
+    delivery: str = "stream"
     trusted_keys: dict[str, str] = field(default_factory=dict)
     verify: str = "every"
     share: int = 1  # devices per connection
@@ -87,8 +90,19 @@ class RawDevice:
         channel.basic_qos(prefetch_count=prefetch, callback=self._on_qos)
 
     def _on_qos(self, _frame: Any) -> None:
+        if self.shard.config.delivery == "queue":
+            self.channel.queue_declare("", exclusive=True, callback=self._on_queue)
+            return
         self.channel.basic_consume(
             topology.POLICY_STREAM, self._on_message, arguments={"x-stream-offset": "next"}
+        )
+
+    def _on_queue(self, frame: Any) -> None:
+        queue = frame.method.queue
+        self.channel.queue_bind(
+            queue,
+            topology.POLICY_EXCHANGE,
+            callback=lambda _f: self.channel.basic_consume(queue, self._on_message),
         )
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -110,7 +124,7 @@ class Shard:
     def __init__(self, config: ShardConfig, loop: asyncio.AbstractEventLoop) -> None:
         # Links count and classify every failure; pika's own log would repeat
         # each one for thousands of devices.
-        logging.getLogger("pika").setLevel(logging.CRITICAL)
+        quiet_pika()
         self.base_rss = self._rss()
         self.config = config
         self.loop = loop

@@ -8,7 +8,9 @@ pika's exceptions stop here: callers see :class:`BrokerUnreachable`.
 
 from __future__ import annotations
 
+import logging
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -97,3 +99,20 @@ def connect_blocking(
         except OSError as exc:
             errors.append(f"{redact(url)}: {exc}")
     raise BrokerUnreachable([redact(u) for u in urls], "; ".join(errors))
+
+
+def quiet_pika(level: int = logging.CRITICAL) -> None:
+    """Silence pika's own log: our links count and classify every failure,
+    and pika would repeat each one for every connection.
+
+    pika's modules keep module-level loggers made at import; a process whose
+    logging was re-initialised since (Thespian does that in its actor
+    processes) no longer reaches them through ``logging.getLogger``, so set
+    each one directly.
+    """
+    logging.getLogger("pika").setLevel(level)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("pika") and module is not None:
+            for value in list(vars(module).values()):
+                if isinstance(value, logging.Logger):
+                    value.setLevel(level)
