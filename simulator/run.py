@@ -193,6 +193,7 @@ class Runner:
         self.vhosts: list[str] = []
         self.labels = [labels_for(scenario, i) for i in range(scenario.devices)]
         self.run: model.RunData | None = None
+        self.baseline_broker: list[model.BrokerSample] = []
         self.t0 = time.time()
 
     # -- set-up ------------------------------------------------------------------
@@ -417,6 +418,10 @@ class Runner:
                 self.run.errors = result.errors
                 self.run.unexpected_closes = result.unexpected_closes
                 self.run.client_base_rss_bytes = result.base_rss
+        # The broker before and during the baseline: its first samples are the
+        # truly idle node that per-device costs are measured from (the node's
+        # memory and fd gauges lag, so the edgeward phase's start is not idle).
+        self.baseline_broker = list(result.broker)
         return model.Baseline(
             devices=self.scenario.devices,
             connected=max((x.connected for x in result.samples), default=0),
@@ -541,7 +546,7 @@ class Runner:
 
     def _fold(self, run: model.RunData, result: Any, latest: int) -> None:
         run.samples = result.samples
-        run.broker = result.broker
+        run.broker = self.baseline_broker + result.broker
         run.rollouts = result.rollouts
         run.errors = result.errors
         run.unexpected_closes = result.unexpected_closes
