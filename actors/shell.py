@@ -244,6 +244,10 @@ class Link:
             self._retry = None
         if self.conn is not None and not (self.conn.is_closing or self.conn.is_closed):
             self.conn.close()
+        # The shells learn now: a start() may come before this close completes,
+        # and the old connection's callbacks are ignored from then on.
+        for shell in self.shells:
+            shell.detach("cut")
 
     def _connect(self) -> None:
         self._retry = None
@@ -271,6 +275,9 @@ class Link:
             self._retry = self.loop.call_later(self.backoff.next_delay(), self._connect)
 
     def _on_open(self, conn: Any) -> None:
+        if conn is not self.conn:
+            conn.close()  # opened after a cut() that gave up on it
+            return
         self.backoff.reset()
         self.on_event("connected", redact(self.url))
         for shell in self.shells:
@@ -289,12 +296,16 @@ class Link:
             self.on_event("channel_closed", str(reason))
             self.conn.close()
 
-    def _on_open_error(self, _conn: Any, error: Any) -> None:
+    def _on_open_error(self, conn: Any, error: Any) -> None:
+        if conn is not self.conn:
+            return  # a connection given up on (cut) that failed on its own
         self.conn = None
         self.on_event(close_kind(error), f"{redact(self.url)}: {error or 'no answer'}")
         self._schedule_reconnect()
 
-    def _on_closed(self, _conn: Any, reason: Any) -> None:
+    def _on_closed(self, conn: Any, reason: Any) -> None:
+        if conn is not self.conn:
+            return  # an old connection, closed by cut() and since replaced
         self.conn = None
         for shell in self.shells:
             shell.detach(str(reason))
