@@ -40,7 +40,7 @@ from edgeward.transport.signing import Signer
 from edgeward.transport.wire import Bundle, Heartbeat, decode
 
 from . import messages as m
-from .fleet import STATES, Desired, advance, desired_for, device_state
+from .fleet import STATES, Desired, FleetRevision, advance, desired_for, device_state
 from .store import Store
 
 log = logging.getLogger("edgeward.control")
@@ -508,7 +508,7 @@ class DeviceMirror(_Configured):
         self.desired: dict[str, Desired] = {}
         self.reported: dict[str, dict] = {}
         self.last_seen: dict[str, float] = {}
-        self.history: list[tuple[int, dict]] = []
+        self.history: list[FleetRevision] = []
         self.dirty: set[str] = set()
         self.unknown_devices = 0
         self.malformed = 0
@@ -517,7 +517,9 @@ class DeviceMirror(_Configured):
         self.settings = msg.settings
         self.distributor = msg.distributor
         self.store = Store(store_path(msg.settings.home))
-        self.history = [(r.revision, r.state) for r in self.store.revisions() if r.published]
+        self.history = [
+            FleetRevision.of(r.revision, r.state) for r in self.store.revisions() if r.published
+        ]
         for row in self.store.devices():
             self.labels[row.device] = row.labels
             self.desired[row.device] = desired_for(row.device, row.labels, self.history)
@@ -539,13 +541,12 @@ class DeviceMirror(_Configured):
         self.send(sender, m.Reply(True, {"device": msg.device, "labels": labels}))
 
     def receiveMsg_FleetChanged(self, msg: m.FleetChanged, sender: Any) -> None:
-        if self.history and self.history[-1][0] >= msg.revision:
+        if self.history and self.history[-1].revision >= msg.revision:
             return
-        self.history.append((msg.revision, msg.state))
+        rev = FleetRevision.of(msg.revision, msg.state)
+        self.history.append(rev)
         for device, labels in self.labels.items():
-            self.desired[device] = advance(
-                self.desired[device], msg.revision, msg.state, device, labels
-            )
+            self.desired[device] = advance(self.desired[device], rev, device, labels)
 
     def receiveMsg_Heartbeats(self, msg: m.Heartbeats, sender: Any) -> None:
         now = time.time()

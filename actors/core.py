@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeward.enforcement.digest import EMPTY_DIGEST, combine, doc_digest, state_digest
+from edgeward.enforcement.digest import EMPTY_DIGEST, combine, doc_digest, name_of
 from edgeward.enforcement.selector import selects
 from edgeward.transport.errors import LocalProtocolError, RemoteProtocolError
 from edgeward.transport.signing import Verifier
@@ -277,7 +277,7 @@ class AgentCore:
         self._started = True
         effects: list[Effect] = []
         if ev.cache is not None:
-            problem = self._check_cache(ev.cache)
+            problem, digests = self._check_cache(ev.cache)
             if problem:
                 self.state.rejected["cache_corrupt"] += 1
                 effects.append(Report("warning", f"cache not trusted ({problem}); starting empty"))
@@ -287,7 +287,7 @@ class AgentCore:
                 s.offset = ev.cache.offset
                 s.applied_revision = ev.cache.applied_revision
                 s.fleet = {policy_name(dict(d)): d for d in ev.cache.fleet}
-                s.fleet_digests = {name: doc_digest(d) for name, d in s.fleet.items()}
+                s.fleet_digests = digests
                 s.last_bundle = ev.cache.bundle
                 self._cached_digest = ev.cache.digest
                 self._startup_apply = True
@@ -299,20 +299,21 @@ class AgentCore:
             self.state.status = "ok"
         return effects
 
-    def _check_cache(self, cache: CacheRecord) -> str:
+    def _check_cache(self, cache: CacheRecord) -> tuple[str, dict[str, str]]:
+        """Why the cache is not to be trusted ("" if it is), and its policies' digests."""
         try:
             bundle = self.verifier.verify(SignedBundle.from_message(decode(cache.bundle)))
         except RemoteProtocolError as exc:
-            return f"stored bundle: {exc}"
+            return f"stored bundle: {exc}", {}
         if bundle.revision != cache.revision:
-            return "stored bundle is of another revision"
+            return "stored bundle is of another revision", {}
         try:
-            digest = state_digest(cache.fleet)
+            digests = {name_of(d): doc_digest(d) for d in cache.fleet}
         except (KeyError, TypeError):
-            return "stored fleet state unreadable"
-        if digest != bundle.sha256:
-            return "fleet state does not match the signed digest"
-        return ""
+            return "stored fleet state unreadable", {}
+        if combine(digests) != bundle.sha256:
+            return "fleet state does not match the signed digest", {}
+        return "", digests
 
     def _on_LinkUp(self, ev: LinkUp) -> list[Effect]:
         self.state.link_up = True

@@ -19,11 +19,25 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edgeward.enforcement.digest import EMPTY_DIGEST, state_digest
+from edgeward.enforcement.digest import EMPTY_DIGEST, combine, doc_digest, name_of
 
 from .core import select_for
 
 STATES = ("in_sync", "pending", "offline", "failed", "unknown")
+
+
+@dataclass(frozen=True)
+class FleetRevision:
+    """A published revision's whole state, with each policy's digest worked
+    out once (not once per device)."""
+
+    revision: int
+    state: Mapping[str, Mapping[str, Any]]
+    digests: Mapping[str, str]
+
+    @classmethod
+    def of(cls, revision: int, state: Mapping[str, Mapping[str, Any]]) -> FleetRevision:
+        return cls(revision, state, {name: doc_digest(doc) for name, doc in state.items()})
 
 
 @dataclass(frozen=True)
@@ -33,25 +47,20 @@ class Desired:
 
 
 def advance(
-    desired: Desired,
-    revision: int,
-    state: Mapping[str, Mapping[str, Any]],
-    device: str,
-    labels: Mapping[str, str],
+    desired: Desired, rev: FleetRevision, device: str, labels: Mapping[str, str]
 ) -> Desired:
     """The device's desired state after one more fleet revision."""
-    digest = state_digest(select_for(state, device, labels))
-    return desired if digest == desired.digest else Desired(revision, digest)
+    chosen = select_for(rev.state, device, labels)
+    digest = combine({name_of(d): rev.digests[name_of(d)] for d in chosen})
+    return desired if digest == desired.digest else Desired(rev.revision, digest)
 
 
 def desired_for(
-    device: str,
-    labels: Mapping[str, str],
-    history: Iterable[tuple[int, Mapping[str, Mapping[str, Any]]]],
+    device: str, labels: Mapping[str, str], history: Iterable[FleetRevision]
 ) -> Desired:
     desired = Desired()
-    for revision, state in history:
-        desired = advance(desired, revision, state, device, labels)
+    for rev in history:
+        desired = advance(desired, rev, device, labels)
     return desired
 
 

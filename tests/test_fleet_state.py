@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeward.actors.fleet import Desired, desired_for, device_state
+from edgeward.actors.fleet import Desired, FleetRevision, desired_for, device_state
 from edgeward.enforcement.digest import EMPTY_DIGEST, state_digest
 
 
@@ -20,9 +20,11 @@ def pol(name: str, **selector: str) -> dict:
 def test_desired_revision_is_the_latest_that_changed_the_devices_selected_set() -> None:
     berlin, paris = pol("b", store="berlin"), pol("p", store="paris")
     history = [
-        (1, {"b": berlin}),
-        (2, {"b": berlin, "p": paris}),  # paris only
-        (3, {"b": berlin, "p": {**paris, "spec": {**paris["spec"], "action": "Audit"}}}),
+        FleetRevision.of(1, {"b": berlin}),
+        FleetRevision.of(2, {"b": berlin, "p": paris}),  # paris only
+        FleetRevision.of(
+            3, {"b": berlin, "p": {**paris, "spec": {**paris["spec"], "action": "Audit"}}}
+        ),
     ]
     assert desired_for("pos-1", {"store": "berlin"}, history) == Desired(1, state_digest([berlin]))
     assert desired_for("pos-2", {"store": "paris"}, history).revision == 3
