@@ -30,9 +30,8 @@ from pathlib import Path
 from edgeward.transport.admin import ManagementAPI, url_with_vhost
 from edgeward.transport.connection import DEFAULT_BROKER_URL
 
-from .demo import free_port
 from .messages import ListDevices
-from .runtime import Client
+from .runtime import Client, free_port
 
 CLI = [sys.executable, "-m", "edgeward.actors.cli"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -12,13 +12,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from edgeward.actors.runtime import free_port
 from edgeward.transport.admin import ManagementAPI, url_with_vhost, vhost_of
 from edgeward.transport.connection import DEFAULT_BROKER_URL
 
@@ -30,12 +30,6 @@ DEADLINE = 60.0
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Demo:

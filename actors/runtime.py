@@ -33,6 +33,13 @@ def admin_address(port: int) -> str:
     return f"{os.environ['THESPIAN_BASE_IPADDR']}:{port}"
 
 
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def port_open(port: int, host: str | None = None) -> bool:
     host = host or os.environ["THESPIAN_BASE_IPADDR"]
     with socket.socket() as sock:

@@ -245,17 +245,11 @@ class Runner:
         os.environ.setdefault("THESPIAN_BASE_IPADDR", "127.0.0.1")
         from thespian.actors import ActorSystem
 
-        from edgeward.actors.runtime import port_open
+        from edgeward.actors.runtime import free_port
 
         from .actors import SimulationDirector
 
-        port = 0
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        assert not port_open(port)
+        port = free_port()
         log_dir = self.report_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.asys = ActorSystem(
