@@ -46,8 +46,8 @@ Rules
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,14 +168,48 @@ def match_labels(doc: Doc) -> Mapping[str, str] | None:
     return selector.get("matchLabels") or {}
 
 
-def select_for(fleet: Mapping[str, Doc], device: str, labels: Mapping[str, str]) -> list[Doc]:
-    """The fleet policies that apply to one device, by name."""
+def select_names(fleet: Mapping[str, Doc], device: str, labels: Mapping[str, str]) -> list[str]:
+    """The names of the fleet policies that apply to one device, sorted."""
     chosen = []
     for name in sorted(fleet):
         wanted = match_labels(fleet[name])
         if wanted is None or selects(wanted, device, labels):
-            chosen.append(fleet[name])
+            chosen.append(name)
     return chosen
+
+
+def select_for(fleet: Mapping[str, Doc], device: str, labels: Mapping[str, str]) -> list[Doc]:
+    """The fleet policies that apply to one device, by name."""
+    return [fleet[name] for name in select_names(fleet, device, labels)]
+
+
+class SharedState:
+    """One copy of identical state for many cores in one process (the simulator).
+
+    A device on its own never needs this.  Thousands of simulated devices at
+    the same revision hold the same policies, the same fleet state and the
+    same bundle bytes; sharing them keeps the simulator's client cost per
+    device near a real connection's.  Sharing is sound because a fleet state
+    is fixed by its signed digest, a policy by its signed digest, and the core
+    never changes a fleet dict in place (a bundle builds new ones).  The
+    tables grow with the distinct revisions of a run, which are few.
+    """
+
+    def __init__(self) -> None:
+        self.docs: dict[str, Doc] = {}
+        self.states: dict[str, tuple[dict[str, Doc], dict[str, str]]] = {}
+        self.blobs: dict[bytes, bytes] = {}
+
+    def doc(self, digest: str, doc: Doc) -> Doc:
+        return self.docs.setdefault(digest, doc)
+
+    def state(
+        self, sha256: str, fleet: dict[str, Doc], digests: dict[str, str]
+    ) -> tuple[dict[str, Doc], dict[str, str]]:
+        return self.states.setdefault(sha256, (fleet, digests))
+
+    def blob(self, data: bytes) -> bytes:
+        return self.blobs.setdefault(data, data)
 
 
 # -- the core ----------------------------------------------------------------
@@ -216,12 +250,12 @@ class AgentCore:
         *,
         heartbeat_interval: float = 10.0,
         retry_interval: float = 30.0,
-        intern: Callable[[str, Doc], Doc] | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self.device = device
-        # Many cores in one process (the simulator) share one copy of each
-        # policy document, keyed by its signed digest; a device keeps its own.
-        self.intern = intern
+        # Many cores in one process (the simulator) share one copy of
+        # identical state; a device keeps its own.
+        self.shared = shared
         self.labels = dict(labels)
         self.verifier = verifier
         self.heartbeat_interval = heartbeat_interval
@@ -235,7 +269,7 @@ class AgentCore:
         self._retrying = False
         self._cached_digest = ""
         self._link = 0
-        self._queue: deque[Delivery] = deque()
+        self._queue: list[Delivery] = []  # short and rare: a list is the smaller
         self._consume_wanted = False
         self._next_heartbeat = 0.0
 
@@ -404,7 +438,7 @@ class AgentCore:
             for doc in bundle.policies:
                 fleet[policy_name(doc)] = doc
             digests.update(bundle.digests)
-            self._intern(fleet, bundle.digests)
+            self._share_docs(fleet, bundle.digests)
         else:
             if bundle.revision < s.revision:
                 return self._reject(ev, "stale", f"snapshot {bundle.revision} < {s.revision}")
@@ -414,7 +448,7 @@ class AgentCore:
                 return self._reject(ev, "conflicting_snapshot", f"revision {bundle.revision}")
             fleet = {policy_name(doc): doc for doc in bundle.policies}
             digests = dict(bundle.digests)
-            self._intern(fleet, digests)
+            self._share_docs(fleet, digests)
 
         if combine(digests) != bundle.sha256:
             if bundle.mode == "snapshot":
@@ -426,8 +460,9 @@ class AgentCore:
         effects: list[Effect] = []
         if was_awaiting:
             effects.append(Report("info", f"recovered from snapshot {bundle.revision}"))
-        chosen = select_for(fleet, self.device, self.labels)
-        digest = combine({policy_name(d): digests[policy_name(d)] for d in chosen})
+        names = select_names(fleet, self.device, self.labels)
+        chosen = [fleet[n] for n in names]
+        digest = combine({n: digests[n] for n in names})
         if digest == s.in_force_digest and s.status != "failed":
             effects.extend(self._commit(ev, bundle, fleet, digests, changed=False, link=self._link))
             return effects
@@ -435,16 +470,16 @@ class AgentCore:
         effects.append(Apply(tuple(chosen), bundle.revision, digest))
         return effects
 
-    def _intern(self, fleet: dict[str, Doc], digests: Mapping[str, str]) -> None:
-        if self.intern is not None:
+    def _share_docs(self, fleet: dict[str, Doc], digests: Mapping[str, str]) -> None:
+        if self.shared is not None:
             for name, digest in digests.items():
-                fleet[name] = self.intern(digest, fleet[name])
+                fleet[name] = self.shared.doc(digest, fleet[name])
 
     def _apply_selected(self) -> Apply:
         s = self.state
-        chosen = self.selected
-        digests = {policy_name(d): s.fleet_digests[policy_name(d)] for d in chosen}
-        return Apply(tuple(chosen), s.revision, combine(digests))
+        names = select_names(s.fleet, self.device, self.labels)
+        digest = combine({n: s.fleet_digests[n] for n in names})
+        return Apply(tuple(s.fleet[n] for n in names), s.revision, digest)
 
     def _gap(self, ev: Delivery, detail: str) -> list[Effect]:
         s = self.state
@@ -481,9 +516,12 @@ class AgentCore:
         s = self.state
         s.revision = bundle.revision
         s.offset = ev.offset
+        s.last_bundle = ev.body
+        if self.shared is not None:
+            fleet, digests = self.shared.state(bundle.sha256, fleet, digests)
+            s.last_bundle = self.shared.blob(ev.body)
         s.fleet = fleet
         s.fleet_digests = digests
-        s.last_bundle = ev.body
         if changed:
             s.applied_revision = bundle.revision
             self._cached_digest = s.in_force_digest
@@ -545,5 +583,5 @@ class AgentCore:
             self._consume_wanted = False
             effects.append(self._consume())
         while self._queue and self._in_flight is None and not self._startup_apply:
-            effects.extend(self._handle_delivery(self._queue.popleft()))
+            effects.extend(self._handle_delivery(self._queue.pop(0)))
         return effects

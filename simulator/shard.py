@@ -134,10 +134,10 @@ class Shard:
             cls = CachingVerifier if config.verify == "cached" else Verifier
             verifier = cls(config.trusted_keys)
         self.devices: list[SimDevice | RawDevice] = []
-        # One copy of each policy document per worker, keyed by its signed
-        # digest: every device still decodes and verifies its own bundle, but
-        # 5,000 devices do not keep 5,000 copies of the same policies.
-        self.documents: dict[str, Any] = {}
+        # One copy of identical policies, fleet states and bundle bytes per
+        # worker: every device still decodes and verifies its own bundle, but
+        # 5,000 devices do not keep 5,000 copies of the same state.
+        self.shared = c.SharedState()
         for i, labels in enumerate(config.labels):
             index = config.first + i
             if config.mode == "raw":
@@ -148,7 +148,7 @@ class Shard:
                     labels,
                     verifier,  # type: ignore[arg-type]
                     heartbeat_interval=config.heartbeat_interval,
-                    intern=self.documents.setdefault,
+                    shared=self.shared,
                 )
                 self.devices.append(SimDevice(self, index, core))
         self.links: list[Link] = []
