@@ -30,7 +30,6 @@ from thespian.actors import ActorExitRequest, ActorTypeDispatcher, WakeupMessage
 from edgeward.transport import topology
 from edgeward.transport.connection import connect_blocking
 from edgeward.transport.signing import Signer
-from edgeward.transport.wire import Bundle
 
 from . import model
 from .shard import Shard, ShardConfig
@@ -75,6 +74,7 @@ class PublishRevision:
 @dataclass(frozen=True)
 class Probe:
     number: int
+    size: int = 5  # bytes of the message body
 
 
 @dataclass(frozen=True)
@@ -269,17 +269,10 @@ class SimulationDirector(ActorTypeDispatcher):
 
     def receiveMsg_PublishRevision(self, msg: PublishRevision, sender: Any) -> None:
         assert self.signer is not None and self.result is not None
-        from edgeward.enforcement.digest import state_digest
+        from .run import delta_bundle
 
         by_name = {p["metadata"]["name"]: p for p in msg.policies}
-        bundle = Bundle(
-            revision=msg.revision,
-            issued_at=time.time(),
-            mode="delta",
-            policies=tuple(by_name[n] for n in msg.changed),
-            deleted=msg.deleted,
-            sha256=state_digest(msg.policies),
-        )
+        bundle = delta_bundle(msg.revision, by_name, msg.changed, msg.deleted)
         body = self.signer.sign(bundle).encode()
         sent = self._publish(body, {"revision": msg.revision})
         self.rollouts[msg.revision] = model.Rollout(
@@ -293,7 +286,8 @@ class SimulationDirector(ActorTypeDispatcher):
         self.send(sender, {"published": msg.revision, "t": self._t(sent), "bytes": len(body)})
 
     def receiveMsg_Probe(self, msg: Probe, sender: Any) -> None:
-        sent = self._publish(b"probe", {"probe": msg.number})
+        body = b"probe".ljust(max(5, msg.size), b"\0")
+        sent = self._publish(body, {"probe": msg.number})
         self.probes_sent[msg.number] = sent
         self.fanouts.setdefault(msg.number, [])
         self.send(sender, {"probe": msg.number})

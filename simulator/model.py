@@ -75,6 +75,9 @@ class Baseline:
     connected: int
     # Seconds from publish to receipt, per device, per probe message.
     fanouts: list[list[float]] = field(default_factory=list)
+    # Size of each probe message: that of the run's largest bundle, so the
+    # floor moves the same bytes edgeward does.
+    probe_bytes: int = 0
 
 
 @dataclass

@@ -307,6 +307,7 @@ def _baseline(run: RunData, propagation: dict[str, Any], notes: list[str]) -> di
         "devices": base.devices,
         "connected": base.connected,
         "probes": len(probes),
+        "probe_bytes": base.probe_bytes,
         "p50_ms": _ms(percentile(pooled, 50)),
         "p99_ms": _ms(percentile(pooled, 99)),
         "full_fanout_ms": _ms(full),

@@ -26,16 +26,19 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edgeward.enforcement.digest import state_digest
 from edgeward.enforcement.selector import selects
 from edgeward.transport import topology
 from edgeward.transport.admin import ManagementAPI, url_with_vhost
 from edgeward.transport.connection import connect_blocking, redact, split_urls
 from edgeward.transport.signing import Signer
+from edgeward.transport.wire import Bundle
 
 from . import model
 from .scenario import Scenario, Step, device_name, labels_for
@@ -87,6 +90,42 @@ def _machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "hostname_hash": uuid.uuid5(uuid.NAMESPACE_DNS, platform.node()).hex[:8],
     }
+
+
+def largest_bundle(scenario: Scenario) -> int:
+    """Bytes of the largest signed bundle the scenario's timeline publishes.
+
+    The raw baseline's probes carry this many bytes: a floor measured with
+    tiny messages would flatter the broker and inflate edgeward's ratio.
+    """
+    policies = Policies()
+    signer = Signer.generate()
+    largest = 0
+    for step in scenario.timeline:
+        if step.action != "apply":
+            continue
+        revision, changed, _ = policies.step(step)
+        bundle = delta_bundle(revision, policies.state, changed)
+        largest = max(largest, len(signer.sign(bundle).encode()))
+    return largest
+
+
+def delta_bundle(
+    revision: int,
+    state: Mapping[str, Mapping[str, Any]],
+    changed: Sequence[str],
+    deleted: Sequence[str] = (),
+) -> Bundle:
+    """The delta a timeline step publishes: the changed and deleted policies
+    and the digest of the whole state after it."""
+    return Bundle(
+        revision=revision,
+        issued_at=time.time(),
+        mode="delta",
+        policies=tuple(dict(state[n]) for n in changed),
+        deleted=tuple(deleted),
+        sha256=state_digest(state.values()),
+    )
 
 
 class Policies:
@@ -392,12 +431,13 @@ class Runner:
     def baseline(self, urls: list[str], metrics) -> model.Baseline:
         from .actors import Probe
 
+        size = largest_bundle(self.scenario)
         end = self._phase("raw", urls, metrics, None)
         try:
             self._ramp("baseline: connecting")
             self._wait(3, "baseline: settling")
             for n in range(1, PROBES + 1):
-                self.ask(Probe(n))
+                self.ask(Probe(n, size))
                 self._wait(
                     10,
                     f"baseline: probe {n}",
@@ -420,6 +460,7 @@ class Runner:
             devices=self.scenario.devices,
             connected=max((x.connected for x in result.samples), default=0),
             fanouts=result.fanouts,
+            probe_bytes=size,
         )
 
     def edgeward(self, urls: list[str], metrics, run: model.RunData) -> None:
