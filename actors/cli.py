@@ -17,6 +17,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeward.enforcement.evaluator import (
+    CapEvent,
+    Event,
+    EventError,
+    ExecEvent,
+    NetEvent,
+    OpenEvent,
+    compile_policies,
+)
 from edgeward.enforcement.policy import PolicyValidationError, load_policy_files
 from edgeward.transport.errors import BrokerUnreachable
 
@@ -289,6 +298,100 @@ def cmd_policy_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _single_event(args: argparse.Namespace) -> Event:
+    op = next(name for name in ("exec", "open", "net", "cap") if getattr(args, name) is not None)
+    flag = f"--{op}"
+    not_here = {
+        "exec": ["write"],
+        "open": [],
+        "net": ["write", "owner", "user"],
+        "cap": ["write", "owner", "user"],
+    }[op]
+    for name in not_here:
+        if getattr(args, name) not in (None, False):
+            raise CliError("bad_input", f"--{name} does not apply to {flag}")
+    if op in ("net", "cap") and args.source is None:
+        raise CliError("bad_input", f"{flag} needs --source PATH (the acting process)")
+    options = {"path": flag, "protocol": flag, "capability": flag}
+    try:
+        if op == "exec":
+            return ExecEvent(args.exec, args.source, args.owner, args.user)
+        if op == "open":
+            return OpenEvent(args.open, args.source, args.write, args.owner, args.user)
+        if op == "net":
+            return NetEvent(args.net, args.source)
+        return CapEvent(args.cap, args.source)
+    except EventError as exc:
+        option = options.get(exc.field, f"--{exc.field}")
+        raise CliError("bad_input", f"{option}: {exc.reason}") from None
+
+
+def _events_file(name: str) -> list[Event]:
+    try:
+        if name == "-":
+            text = sys.stdin.read()
+        else:
+            text = Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CliError("bad_input", f"{name}: cannot read events: {reason}") from None
+    events: list[Event] = []
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(Event.from_json(json.loads(line), line=number))
+        except json.JSONDecodeError as exc:
+            problems.append(f"{name}: line {number}: not JSON: {exc.msg} (column {exc.colno})")
+        except EventError as exc:
+            problems.append(f"{name}: {exc}")
+    if problems:
+        shown = problems[:20]
+        if len(problems) > 20:
+            shown.append(f"... and {len(problems) - 20} more")
+        raise CliError("bad_input", "invalid events, nothing was evaluated:\n" + "\n".join(shown))
+    return events
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    try:
+        policies = load_policy_files(args.files)
+    except PolicyValidationError as exc:
+        raise CliError("bad_input", f"refused, nothing was evaluated:\n{exc}") from None
+    if args.events is not None:
+        for name in ("source", "write", "owner", "user"):
+            if getattr(args, name) not in (None, False):
+                raise CliError("bad_input", f"--{name} describes a single event: not with --events")
+        events = _events_file(args.events)
+    else:
+        events = [_single_event(args)]
+    evaluator = compile_policies(policies, args.default_posture)
+    for note in evaluator.ignored:
+        print(f"edgeward: note: {note}", file=sys.stderr)
+    decisions = [evaluator.evaluate(event) for event in events]
+    emit(
+        args,
+        [decision.to_json() for decision in decisions],
+        lambda rs: table(
+            [
+                (
+                    event.describe(),
+                    d.action,
+                    d.policy,
+                    d.rule,
+                    d.severity,
+                    ",".join(d.tags) or None,
+                    None if d.message is None else shorten(d.message, 60),
+                )
+                for event, d in zip(events, decisions, strict=True)
+            ],
+            ["EVENT", "ACTION", "POLICY", "RULE", "SEVERITY", "TAGS", "MESSAGE"],
+        ),
+    )
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from .runtime import Client
 
@@ -467,6 +570,37 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot", parents=[common], help="publish a full snapshot of the fleet state now"
     )
     snap.set_defaults(func=cmd_policy_snapshot)
+    ptest = policy.add_parser(
+        "test",
+        parents=[as_json],
+        help="dry run: what the policies in FILEs decide for events (nothing is published)",
+        description="Judge events against the policies in FILE... as KubeArmor would and print "
+        "one decision per event. Exits 0 even when events are blocked; 2 on invalid policies "
+        "or events. See docs/enforcement.md.",
+    )
+    ptest.add_argument("files", nargs="+", metavar="FILE")
+    what = ptest.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--events",
+        metavar="EVENTS.jsonl",
+        help="one JSON event per line ('-' reads standard input)",
+    )
+    what.add_argument("--exec", metavar="PATH", help="a process executes PATH")
+    what.add_argument("--open", metavar="PATH", help="a process opens PATH (for reading)")
+    what.add_argument("--net", metavar="PROTO", help="a process opens a TCP/UDP/ICMP/RAW socket")
+    what.add_argument("--cap", metavar="NAME", help="a process uses a capability (net_raw, …)")
+    ptest.add_argument("--source", metavar="PATH", help="the acting process (its binary)")
+    ptest.add_argument("--write", action="store_true", help="with --open: open for writing")
+    ptest.add_argument("--owner", metavar="U", help="owner of the file (for ownerOnly rules)")
+    ptest.add_argument("--user", metavar="U", help="the acting user (for ownerOnly rules)")
+    ptest.add_argument(
+        "--default-posture",
+        choices=["audit", "block"],
+        default="audit",
+        help="what allow-list mode does to events no Allow rule allows, for every class "
+        "(default %(default)s)",
+    )
+    ptest.set_defaults(func=cmd_policy_test)
 
     sim = verbs.add_parser(
         "simulate",
@@ -476,7 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
         "connection) against a real RabbitMQ, follow the scenario's timeline, measure both "
         "sides, and write report.json, report.md and charts to --report.",
     )
-    sim.add_argument("scenario", help="scenario TOML (see simulator/scenarios/)")
+    sim.add_argument(
+        "scenario", nargs="?", help="scenario TOML (see simulator/scenarios/); not with --recompute"
+    )
+    sim.add_argument(
+        "--recompute",
+        action="store_true",
+        help="run nothing: recompute report.json, report.md and the charts in --report from "
+        "its run-data.json (e.g. with other --node-memory/--node-fds/--headroom)",
+    )
     sim.add_argument("--devices", type=int, help="fleet size (overrides the scenario)")
     sim.add_argument("--workers", type=int, help="worker processes (default: one per 5,000)")
     sim.add_argument(

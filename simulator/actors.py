@@ -300,6 +300,11 @@ class SimulationDirector(ActorTypeDispatcher):
             rollout = self.rollouts.get(revision)
             if rollout is not None:
                 (rollout.late if late else rollout.latencies).append(latency)
+        for revision, (count, seconds) in msg.data.get("processing", {}).items():
+            rollout = self.rollouts.get(revision)
+            if rollout is not None:
+                rollout.processed += int(count)
+                rollout.processing_seconds += seconds
         for revision, count in msg.data.get("targeted_online", {}).items():
             if revision in self.rollouts:
                 self.rollouts[revision].online_at_publish += count

@@ -11,7 +11,9 @@ Times are seconds since the run started (``t``), except ``started_at``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -65,6 +67,12 @@ class Rollout:
     # (online devices at publish; devices that came back later are in ``late``).
     latencies: list[float] = field(default_factory=list)
     late: list[float] = field(default_factory=list)
+    # The simulator's own work on this revision's deliveries: how many it
+    # handled and the CPU seconds the workers spent on them (decode, verify,
+    # select, apply, cache, ack, heartbeat). A real fleet does this in
+    # parallel, one CPU per device; here the workers share the machine.
+    processed: int = 0
+    processing_seconds: float = 0.0
 
 
 @dataclass
@@ -117,3 +125,28 @@ class RunData:
     duration: float = 0.0
     completed: bool = False  # False for a run stopped early (Ctrl-C)
     notes: list[str] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        """Write the raw run data as JSON (before any figure is computed)."""
+        path.write_text(json.dumps(asdict(self)) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RunData:
+        """Read what :meth:`save` wrote; fields added since are left at their defaults."""
+        data = json.loads(Path(path).read_text())
+        nested = {
+            "samples": FleetSample,
+            "broker": BrokerSample,
+            "actions": Action,
+            "rollouts": Rollout,
+        }
+        for key, kind in nested.items():
+            data[key] = [_build(kind, item) for item in data.get(key, [])]
+        if data.get("baseline") is not None:
+            data["baseline"] = _build(Baseline, data["baseline"])
+        return _build(cls, data)
+
+
+def _build(kind: type, data: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(kind)}
+    return kind(**{k: v for k, v in data.items() if k in known})

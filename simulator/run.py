@@ -672,10 +672,39 @@ class Runner:
             self.cluster = None
 
 
+def _sizing_limits(args: Any) -> dict[str, Any]:
+    return {
+        "node_memory_bytes": int(args.node_memory * 1024**3),
+        "node_fds": args.node_fds,
+        "node_cores": args.node_cores,
+        "headroom": args.headroom,
+    }
+
+
+def recompute(args: Any) -> int:
+    """``--recompute``: the report again from a run's saved data, nothing run."""
+    from . import report
+
+    if args.scenario:
+        raise ValueError("--recompute reads --report DIR; it takes no scenario")
+    directory = Path(args.report)
+    data = directory / report.RUN_DATA
+    if not data.is_file():
+        raise ValueError(f"{data} does not exist: --report must name a run's report directory")
+    figures = report.write(model.RunData.load(data), directory, **_sizing_limits(args))
+    print(f"report: {directory / 'report.md'} (recomputed from {data.name})")
+    print(report.headline(figures))
+    return 0
+
+
 def simulate(args: Any) -> int:
     """The CLI verb."""
     from .scenario import load
 
+    if args.recompute:
+        return recompute(args)
+    if not args.scenario:
+        raise ValueError("give a scenario file (or --recompute with --report DIR)")
     scenario = load(args.scenario)
     if args.devices:
         scenario = replace(scenario, devices=args.devices)
@@ -719,13 +748,8 @@ def simulate(args: Any) -> int:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     figures = runner.execute()
-    p = figures.get("propagation_ms") or {}
     print(f"\nreport: {report_dir / 'report.md'}")
-    print(
-        f"devices {figures.get('devices')}, connected max {figures.get('connected_max')}, "
-        f"converged {figures.get('converged')}, propagation p50/p99/max "
-        f"{p.get('p50')}/{p.get('p99')}/{p.get('max')} ms, raw baseline ratio "
-        f"{figures.get('raw_baseline_ratio')}, messages lost {figures.get('messages_lost')}, "
-        f"unexpected closes {figures.get('unexpected_closes')}"
-    )
+    from .report import headline
+
+    print(headline(figures))
     return 0 if figures.get("completed", True) else 130

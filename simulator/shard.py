@@ -69,8 +69,10 @@ class SimDevice(AgentShell):
         self.shard.record_apply(self, revision)
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        started = time.thread_time()  # CPU, not wall: other processes share the cores
         self.shard.note_publish(properties.headers)
         super()._on_message(channel, method, properties, body)
+        self.shard.note_processing(properties.headers, time.thread_time() - started)
 
 
 class RawDevice:
@@ -177,6 +179,7 @@ class Shard:
         self.applies: list[tuple[int, float, bool]] = []  # (revision, latency s, late)
         self.receipts: list[tuple[int, float]] = []  # raw probes: (probe, latency s)
         self.published: dict[int, float] = {}
+        self.processing: dict[int, list[float]] = {}  # revision -> [deliveries, seconds]
         self.latest = 0
         self.targeted_online: dict[int, int] = {}  # revision -> targeted devices online
         self.down_nodes: set[str] = set()
@@ -280,6 +283,13 @@ class Shard:
         if headers and "revision" in headers and "published_us" in headers:
             self.published.setdefault(int(headers["revision"]), headers["published_us"] / 1e6)
 
+    def note_processing(self, headers: dict | None, seconds: float) -> None:
+        revision = (headers or {}).get("revision")
+        if isinstance(revision, int):
+            entry = self.processing.setdefault(revision, [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+
     def record_apply(self, device: SimDevice, revision: int) -> None:
         sent = self.published.get(revision)
         if sent is None:
@@ -335,6 +345,7 @@ class Shard:
         applies, self.applies = self.applies, []
         receipts, self.receipts = self.receipts, []
         targeted, self.targeted_online = self.targeted_online, {}
+        processing, self.processing = self.processing, {}
         return {
             "targeted_online": targeted,
             "devices": len(self.devices),
@@ -350,4 +361,5 @@ class Shard:
             "cpu": self._cpu() - self.cpu0,
             "applies": applies,
             "receipts": receipts,
+            "processing": processing,
         }

@@ -210,6 +210,24 @@ def test_ratio_to_baseline_is_full_fleet_time_over_median_probe_fanout() -> None
     assert figures["propagation_ms"]["per_revision"][0]["raw_baseline_ratio"] == pytest.approx(4.0)
 
 
+def test_the_simulators_own_work_per_revision_is_reported_per_device_and_in_wall_time() -> None:
+    # Given 200 deliveries of revision 1 that took 0.5 s inside the workers
+    run = synthetic_run()
+    run.rollouts[0].processed = 200
+    run.rollouts[0].processing_seconds = 0.5
+    for workers, least_ms in ((1, 500.0), (2, 250.0), (8, 250.0)):
+        run.workers = workers
+        first = figures_for(run)["propagation_ms"]["per_revision"][0]
+        # Then each delivery cost 2,500 µs, and the workers side by side on the
+        # machine's 2 cores needed at least 0.5 s / min(workers, cores)
+        assert first["deliveries_processed"] == 200
+        assert first["device_processing_us"] == pytest.approx(2500.0)
+        assert first["client_processing_s"] == pytest.approx(0.5)
+        assert first["client_serial_ms"] == pytest.approx(least_ms)
+    # And a revision nobody handled has no per-device figure
+    assert figures_for(run)["propagation_ms"]["per_revision"][1]["device_processing_us"] is None
+
+
 def test_ratio_is_null_without_a_baseline() -> None:
     figures = figures_for(synthetic_run(baseline=None))
 
@@ -411,6 +429,53 @@ def test_write_produces_json_markdown_and_valid_png_charts(tmp_path: Path) -> No
         assert (tmp_path / chart).read_bytes()[:8] == PNG_MAGIC, chart
     assert figures["charts"] == list(report.CHARTS)
     assert not any("failed" in note for note in figures["notes"])
+
+
+def test_the_raw_run_data_is_saved_and_gives_the_same_figures_when_loaded(tmp_path: Path) -> None:
+    run = synthetic_run()
+    run.rollouts[0].processed, run.rollouts[0].processing_seconds = 200, 0.5
+    report.write(run, tmp_path, node_memory_bytes=4 * GIB)
+
+    loaded = RunData.load(tmp_path / report.RUN_DATA)
+
+    assert loaded == run
+    assert figures_for(loaded) == figures_for(run)
+
+
+def test_recompute_rewrites_the_report_from_run_data_with_other_sizing_limits(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+
+    report.write(synthetic_run(), tmp_path, node_memory_bytes=4 * GIB)
+    before = json.loads((tmp_path / "report.json").read_text())
+    done = subprocess.run(
+        [sys.executable, "-m", "edgeward.actors.cli", "simulate", "--recompute"]
+        + ["--report", str(tmp_path), "--node-memory", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "recomputed from run-data.json" in done.stdout
+    after = json.loads((tmp_path / "report.json").read_text())
+    assert after["sizing"]["inputs"]["node_memory_bytes"] == GIB
+    assert before["sizing"]["inputs"]["node_memory_bytes"] == 4 * GIB
+    assert after["propagation_ms"] == before["propagation_ms"]
+
+
+def test_recompute_without_run_data_says_what_is_missing(tmp_path: Path) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "edgeward.actors.cli", "simulate", "--recompute"]
+        + ["--report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "run-data.json does not exist" in done.stderr
 
 
 def test_report_md_shows_the_headline_figures(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeward.simulator.run import largest_bundle
 from edgeward.simulator.scenario import ScenarioError, labels_for, load, parse
 
 ROOT = Path(__file__).parent.parent
@@ -73,6 +74,15 @@ def test_propagation_percentiles_are_ordered_and_the_baseline_was_measured(
     assert 0 < p["p50"] <= p["p90"] <= p["p99"] <= p["max"]
     assert smoke_report["baseline"] is not None
     assert smoke_report["raw_baseline_ratio"] > 0
+
+
+def test_the_baseline_probes_carry_as_many_bytes_as_the_largest_bundle(
+    smoke_report: dict,
+) -> None:
+    probe = smoke_report["baseline"]["probe_bytes"]
+    # Bundle sizes vary by a few bytes (issued_at's encoding); not by a policy.
+    assert abs(probe - largest_bundle(load(SMOKE))) < 64
+    assert probe > 1000
 
 
 def test_sizing_follows_from_the_measured_per_device_costs(smoke_report: dict) -> None:
