@@ -10,6 +10,10 @@
 ``edgeward.heartbeats``  classic queue bound to ``telemetry.*.heartbeat``:
     latest-wins state, bounded, oldest dropped first; the control plane
     consumes it.
+``edgeward.telemetry``  stream queue bound to ``telemetry.*.alert``,
+    ``telemetry.*.log`` and ``telemetry.*.event``: the audit trail, replayable,
+    retention by age and bytes; the TelemetryCollector reads it from its
+    stored offset.  Heartbeats never enter it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ POLICY_EXCHANGE = "edgeward.policy"
 POLICY_STREAM = "edgeward.policy"
 TELEMETRY_EXCHANGE = "edgeward.telemetry"
 HEARTBEAT_QUEUE = "edgeward.heartbeats"
+TELEMETRY_STREAM = "edgeward.telemetry"
+TELEMETRY_BINDINGS = ("telemetry.*.alert", "telemetry.*.log", "telemetry.*.event")
 
 
 def heartbeat_routing_key(device: str) -> str:
@@ -54,15 +60,27 @@ HEARTBEAT_QUEUE_ARGS = {
 }
 
 
-def declare(channel: BlockingChannel, retention: Retention | None = None) -> None:
+#: The audit trail keeps more than the policy stream: alerts are evidence.
+TELEMETRY_RETENTION = Retention(max_age="90D", max_bytes=10 * 1024**3)
+
+
+def declare(
+    channel: BlockingChannel,
+    retention: Retention | None = None,
+    telemetry_retention: Retention | None = None,
+) -> None:
     """Declare the topology; idempotent for the same arguments."""
     retention = retention or Retention()
+    telemetry_retention = telemetry_retention or TELEMETRY_RETENTION
     channel.exchange_declare(POLICY_EXCHANGE, exchange_type="fanout", durable=True)
     channel.queue_declare(POLICY_STREAM, durable=True, arguments=retention.arguments())
     channel.queue_bind(POLICY_STREAM, POLICY_EXCHANGE)
     channel.exchange_declare(TELEMETRY_EXCHANGE, exchange_type="topic", durable=True)
     channel.queue_declare(HEARTBEAT_QUEUE, durable=True, arguments=HEARTBEAT_QUEUE_ARGS)
     channel.queue_bind(HEARTBEAT_QUEUE, TELEMETRY_EXCHANGE, routing_key="telemetry.*.heartbeat")
+    channel.queue_declare(TELEMETRY_STREAM, durable=True, arguments=telemetry_retention.arguments())
+    for key in TELEMETRY_BINDINGS:
+        channel.queue_bind(TELEMETRY_STREAM, TELEMETRY_EXCHANGE, routing_key=key)
 
 
 def policy_properties() -> pika.BasicProperties:

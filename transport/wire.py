@@ -21,6 +21,16 @@ Kinds (schema version 1):
 ``heartbeat``  (telemetry exchange, device -> control plane)
     ``{v, kind, device, time, revision, applied_revision, hash, status,
     rejected, gaps, awaiting_snapshot}``: what the device actually enforces.
+
+``record``  (telemetry exchange -> ``edgeward.telemetry`` stream, device -> collector)
+    ``{v, kind, device, seq, time, type, body}``: one thing a device saw or
+    did, numbered per device from 1 with no reuse (``seq`` survives restarts:
+    it is kept in the outbox).  ``type`` is ``alert`` (a backend verdict or
+    alert), ``log`` (a backend log) or ``event`` (the agent's own: revision
+    applied, bundle refused, gap, records dropped).  ``body`` is a map whose
+    keys depend on ``type`` (see :class:`Record`).  Published with routing key
+    ``telemetry.<device>.<type>``, ``message_id`` ``"<device>:<seq>"``,
+    ``content_type`` ``application/cbor``.
 """
 
 from __future__ import annotations
@@ -241,4 +251,82 @@ class Heartbeat:
             awaiting_snapshot=bool(obj.get("awaiting_snapshot", False)),
             labels={str(k): str(v) for k, v in labels.items()},
             error=str(obj.get("error", "")),
+        )
+
+
+#: Record types and their outbox priority: when the outbox is full the oldest
+#: record of the lowest priority goes first (heartbeats < logs < alerts; the
+#: agent's own events are audit evidence and rank with alerts).
+RECORD_TYPES = {"log": 1, "event": 2, "alert": 2}
+HEARTBEAT_PRIORITY = 0
+#: Keys an ``alert`` body carries (values may be None where they do not apply).
+ALERT_KEYS = ("policy", "action", "severity", "operation", "resource", "source")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One telemetry record (an alert, a log line or an agent event).
+
+    ``alert`` bodies hold at least :data:`ALERT_KEYS` plus ``tags``,
+    ``message`` and ``revision`` (the edgeward revision the deciding policy
+    came with); ``event`` bodies hold ``event`` (a short name such as
+    ``revision_applied``, ``bundle_refused``, ``gap``, ``dropped``) and its
+    details; ``log`` bodies are free maps from the backend.
+    """
+
+    device: str
+    seq: int
+    time: float
+    type: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.type not in RECORD_TYPES:
+            raise ValueError(f"record type must be one of {sorted(RECORD_TYPES)}")
+        if self.seq < 1:
+            raise ValueError("seq starts at 1")
+
+    @property
+    def message_id(self) -> str:
+        return f"{self.device}:{self.seq}"
+
+    @property
+    def routing_key(self) -> str:
+        return f"telemetry.{self.device}.{self.type}"
+
+    @property
+    def priority(self) -> int:
+        return RECORD_TYPES[self.type]
+
+    def encode(self) -> bytes:
+        return encode(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": "record",
+                "device": self.device,
+                "seq": self.seq,
+                "time": self.time,
+                "type": self.type,
+                "body": dict(self.body),
+            }
+        )
+
+    @classmethod
+    def from_message(cls, obj: dict[str, Any]) -> Record:
+        if obj.get("kind") != "record":
+            raise RemoteProtocolError("unknown_kind", repr(obj.get("kind")))
+        device = _require(obj, "device", str)
+        seq = _require(obj, "seq", int)
+        kind = _require(obj, "type", str)
+        body = _require(obj, "body", dict)
+        if not device or seq < 1 or kind not in RECORD_TYPES:
+            raise RemoteProtocolError("malformed", f"record {device!r}:{seq!r} of type {kind!r}")
+        if not all(isinstance(k, str) for k in body):
+            raise RemoteProtocolError("malformed", "record body keys must be strings")
+        return cls(
+            device=device,
+            seq=seq,
+            time=float(_require(obj, "time", int | float)),
+            type=kind,
+            body=body,
         )
