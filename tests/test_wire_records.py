@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeward.transport.errors import RemoteProtocolError
-from edgeward.transport.wire import RECORD_TYPES, Record, decode, encode
+from edgeward.transport.wire import RECORD_TYPES, Heartbeat, Record, decode, encode
 
 ALERT = Record(
     device="pos-0001",
@@ -121,3 +121,20 @@ def test_any_bytes_decode_or_are_refused_with_our_error(data: bytes) -> None:
         Record.from_message(decode(data))
     except RemoteProtocolError:
         pass
+
+
+def test_a_heartbeat_carries_outbox_depth_and_drops_by_type() -> None:
+    beat = Heartbeat("pos-1", 1.0, 3, 3, "abc", "ok", outbox=12, dropped={"log": 4})
+    assert Heartbeat.from_message(decode(beat.encode())) == beat
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"dropped": {"log": "many"}}, {"rejected": {"stale": 1.5}}, {"outbox": "3"}, {"dropped": []}],
+    ids=str,
+)
+def test_a_heartbeat_with_counters_that_are_not_integers_is_refused(change: dict) -> None:
+    obj = {**cbor2.loads(Heartbeat("pos-1", 1.0, 3, 3, "abc", "ok").encode()), **change}
+    with pytest.raises(RemoteProtocolError) as refused:
+        Heartbeat.from_message(decode(encode(obj)))
+    assert refused.value.reason == "malformed"

@@ -85,6 +85,15 @@ def _require(obj: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> An
     return value
 
 
+def _counts(value: dict[Any, Any], name: str) -> dict[str, int]:
+    """A map of counters: string keys, integer values, or refused."""
+    if not all(isinstance(k, str) for k in value) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value.values()
+    ):
+        raise RemoteProtocolError("malformed", f"{name!r} must map names to integers")
+    return dict(value)
+
+
 @dataclass(frozen=True)
 class SignedBundle:
     """The outer, signed envelope of a bundle; ``body`` is still encoded."""
@@ -211,6 +220,10 @@ class Heartbeat:
     awaiting_snapshot: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    # The telemetry outbox: records waiting to be sent, and records dropped
+    # since the agent's first start because the outbox was full, by type.
+    outbox: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return encode(
@@ -228,6 +241,8 @@ class Heartbeat:
                 "awaiting_snapshot": self.awaiting_snapshot,
                 "labels": dict(self.labels),
                 "error": self.error,
+                "outbox": self.outbox,
+                "dropped": dict(self.dropped),
             }
         )
 
@@ -237,8 +252,12 @@ class Heartbeat:
             raise RemoteProtocolError("unknown_kind", repr(obj.get("kind")))
         rejected = obj.get("rejected", {})
         labels = obj.get("labels", {})
-        if not isinstance(rejected, dict) or not isinstance(labels, dict):
-            raise RemoteProtocolError("malformed", "rejected/labels must be maps")
+        dropped = obj.get("dropped", {})
+        outbox = obj.get("outbox", 0)
+        if not all(isinstance(m, dict) for m in (rejected, labels, dropped)):
+            raise RemoteProtocolError("malformed", "rejected/labels/dropped must be maps")
+        if not isinstance(outbox, int) or isinstance(outbox, bool):
+            raise RemoteProtocolError("malformed", "outbox must be an integer")
         return cls(
             device=_require(obj, "device", str),
             time=float(_require(obj, "time", int | float)),
@@ -246,11 +265,13 @@ class Heartbeat:
             applied_revision=_require(obj, "applied_revision", int),
             hash=_require(obj, "hash", str),
             status=_require(obj, "status", str),
-            rejected={str(k): int(v) for k, v in rejected.items()},
+            rejected=_counts(rejected, "rejected"),
             gaps=int(obj.get("gaps", 0)),
             awaiting_snapshot=bool(obj.get("awaiting_snapshot", False)),
             labels={str(k): str(v) for k, v in labels.items()},
             error=str(obj.get("error", "")),
+            outbox=outbox,
+            dropped=_counts(dropped, "dropped"),
         )
 
 
