@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 CLEAN_PATHS := $(VENV) .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
 
 .DEFAULT_GOAL := help
-.PHONY: help venv broker test lint fmt demo bench clean
+.PHONY: help venv broker test lint fmt demo bench clean protos
 
 help:
 	@echo "make venv    create $(VENV) ($(PYTHON) -m venv) and pip install -e '.[test]'"
@@ -19,6 +19,7 @@ help:
 	@echo "make fmt     sort imports and format with ruff"
 	@echo "make demo    run edgeward.actors.demo against the local broker"
 	@echo "make bench   run edgeward.actors.bench against the local broker"
+	@echo "make protos  regenerate the KubeArmor gRPC stubs in enforcement/kubearmor"
 	@echo "make clean   remove $(VENV) and caches (never tracked files)"
 	@echo
 	@echo "EDGEWARD_SKIP_BROKER=1 skips the broker step; ARGS=... is passed to demo/bench."
@@ -55,6 +56,19 @@ demo: venv broker
 
 bench: venv broker
 	$(BIN)/python -m edgeward.actors.bench $(ARGS)
+
+# KubeArmor's .proto files -> checked-in stubs.  The -I mapping names the
+# files edgeward/enforcement/kubearmor/*.proto, so protoc itself writes
+# package imports (from edgeward.enforcement.kubearmor import policy_pb2).
+PROTO_SRC := enforcement/kubearmor/protos
+PROTO_PKG := edgeward/enforcement/kubearmor
+protos: venv
+	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
+	$(BIN)/python -m grpc_tools.protoc -I$(PROTO_PKG)=$(PROTO_SRC) \
+	  --python_out=$$out --pyi_out=$$out --grpc_python_out=$$out \
+	  $(PROTO_PKG)/policy.proto $(PROTO_PKG)/kubearmor.proto && \
+	cp $$out/$(PROTO_PKG)/*.py $$out/$(PROTO_PKG)/*.pyi enforcement/kubearmor/ && \
+	echo "stubs regenerated in enforcement/kubearmor/"
 
 clean:
 	@for p in $(wildcard $(CLEAN_PATHS)); do \

@@ -6,9 +6,11 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
+from edgeward.enforcement.kubearmor.settings import KubeArmorSettings
 from edgeward.transport.connection import DEFAULT_BROKER_URL
 
 DEFAULT_ADMIN_PORT = 1900
@@ -39,8 +41,33 @@ class AgentConfig:
     trusted_keys: dict[str, str]  # key id -> base64 raw Ed25519 public key
     heartbeat_interval: float = 10.0
     prefetch: int = 64
-    backend: str = "builtin"
+    # {"kind": "builtin"} or {"kind": "kubearmor", "address": ..., "ca": ...,
+    # "cert": ..., "key": ..., "keepalive_s": ...}; the bare string "builtin"
+    # of older configs is read as {"kind": "builtin"}.
+    backend: dict[str, Any] = field(default_factory=lambda: {"kind": "builtin"})
     extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backend, str):
+            self.backend = {"kind": self.backend}
+        self.kubearmor_settings()  # refuses a bad backend now, not at first apply
+
+    @property
+    def backend_kind(self) -> str:
+        return str(self.backend.get("kind", "builtin"))
+
+    def kubearmor_settings(self) -> KubeArmorSettings | None:
+        """The kubearmor backend's settings; None for the builtin backend."""
+        if not isinstance(self.backend, dict):
+            raise ValueError("backend: expected an object with a kind")
+        kind = self.backend.get("kind", "builtin")
+        if kind == "builtin":
+            if set(self.backend) - {"kind"}:
+                raise ValueError("backend: the builtin backend takes no settings")
+            return None
+        if kind == "kubearmor":
+            return KubeArmorSettings.from_config(self.backend)
+        raise ValueError(f"backend: unknown kind {kind!r} (builtin or kubearmor)")
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,4 +99,7 @@ class AgentConfig:
         ]
         if missing:
             raise ValueError(f"{path}: missing keys {missing}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None

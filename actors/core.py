@@ -42,6 +42,9 @@ Rules
     apply is retried on ``Tick`` after ``retry_interval``.
 10. ``Tick(now)`` sends a heartbeat every ``heartbeat_interval`` while the
     link is up.  Heartbeats report the digest the backend reports in force.
+11. ``RetryApply(now)`` (the host saw the backend or the broker come back)
+    brings a pending retry of a failed apply forward to now; with nothing
+    pending it changes nothing.
 """
 
 from __future__ import annotations
@@ -112,7 +115,12 @@ class Tick:
     now: float
 
 
-Event = Started | LinkUp | LinkLost | Delivery | ApplyResult | Tick
+@dataclass(frozen=True)
+class RetryApply:
+    now: float
+
+
+Event = Started | LinkUp | LinkLost | Delivery | ApplyResult | Tick | RetryApply
 
 # -- effects -----------------------------------------------------------------
 
@@ -383,6 +391,12 @@ class AgentCore:
             return [self._apply_selected()]
         effects.extend(self._maybe_heartbeat())
         return effects
+
+    def _on_RetryApply(self, ev: RetryApply) -> list[Effect]:
+        if self._apply_wanted_at is None:
+            return []
+        self._apply_wanted_at = min(self._apply_wanted_at, self._now)
+        return self._on_Tick(Tick(ev.now))
 
     def _maybe_heartbeat(self) -> list[Effect]:
         if not self.state.link_up or self._now < self._next_heartbeat:

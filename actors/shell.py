@@ -107,7 +107,7 @@ class AgentShell:
         match effect:
             case c.Apply(policies=policies, revision=revision, digest=expected):
                 try:
-                    digest = self.backend.apply(policies, expected)
+                    digest = self.put_in_force(policies, expected, revision)
                 except BackendError as exc:
                     return c.ApplyResult(self.clock(), False, self.backend.digest, str(exc))
                 self.applied(revision, policies)
@@ -133,6 +133,11 @@ class AgentShell:
         return None
 
     # -- hooks for hosts --------------------------------------------------------
+
+    def put_in_force(self, policies: Sequence[Any], digest: str, revision: int) -> str:
+        """Hand a set to the backend (a host whose backend wants the revision
+        too overrides this)."""
+        return self.backend.apply(policies, digest)
 
     def applied(self, revision: int, policies: Sequence[Any]) -> None:
         """A set was put in force."""
