@@ -38,6 +38,33 @@ from .scenario import device_name
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+class CoalescingConnection(AsyncioConnection):
+    """pika's asyncio connection, writing all frames of one loop turn in one send.
+
+    pika hands the transport one buffer per frame and the transport sends
+    each with its own ``send()``: a device's ack plus heartbeat was four
+    system calls, and on loopback each costs the sender the receiver's work
+    too (~90 µs measured) — the largest part of the simulator's CPU per
+    delivery. Joining them changes nothing on the wire but the segmenting.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pending: list[bytes] | None = None
+        super().__init__(*args, **kwargs)
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self.ioloop.call_soon(self._flush)
+        else:
+            self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and self._transport is not None:
+            super()._adapter_emit_data(b"".join(pending))
+
+
 @dataclass
 class ShardConfig:
     first: int  # index of the shard's first device
@@ -162,7 +189,7 @@ class Shard:
                 link := Link(
                     members,
                     config.urls,
-                    AsyncioConnection,
+                    CoalescingConnection,
                     loop,
                     name=f"edgeward-sim {device_name(index)}",
                     heartbeat=60,

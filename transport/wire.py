@@ -172,14 +172,13 @@ class Bundle:
             raise RemoteProtocolError("malformed", f"mode {mode!r} revision {revision!r}")
         policies = _require(obj, "policies", list)
         deleted = _require(obj, "deleted", list)
-        if not all(isinstance(p, dict) and _policy_name(p) for p in policies):
+        names = [_policy_name(p) if isinstance(p, dict) else None for p in policies]
+        if not all(names):
             raise RemoteProtocolError("malformed", "a policy without metadata.name")
         if not all(isinstance(n, str) for n in deleted):
             raise RemoteProtocolError("malformed", "deleted names must be strings")
         digests = _require(obj, "digests", dict)
-        if set(digests) != {_policy_name(p) for p in policies} or not all(
-            isinstance(d, str) for d in digests.values()
-        ):
+        if set(digests) != set(names) or not all(isinstance(d, str) for d in digests.values()):
             raise RemoteProtocolError("malformed", "digests must name exactly the policies")
         return cls(
             revision=revision,
