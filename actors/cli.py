@@ -735,3 +735,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    sim.add_argument(
+        "--reconnect-target",
+        type=float,
+        default=180.0,
+        metavar="SECONDS",
+        help="sizing: the whole fleet reconnected within this (CPU; default %(default)s)",
+    )
+    sim.add_argument(
+        "--rollout-target",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="sizing: a revision delivered to every device within this (CPU; default %(default)s)",
+    )

@@ -399,6 +399,7 @@ class SimulationDirector(ActorTypeDispatcher):
                     connections=m.get("connections", 0.0),
                     messages_in_total=m.get("messages_in_total", 0.0),
                     messages_out_total=m.get("messages_out_total", 0.0),
+                    cpu_seconds=m.get("cpu_seconds", 0.0),
                 )
             )
 

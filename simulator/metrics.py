@@ -23,7 +23,15 @@ key                         metric
 ``messages_confirmed_total``  ``rabbitmq_global_messages_confirmed_total``
 ``alarm_memory``            ``rabbitmq_alarms_memory_used_watermark`` (1 = on)
 ``alarm_fds``               ``rabbitmq_alarms_file_descriptor_limit`` (1 = on)
+``cpu_seconds``             ``erlang_vm_statistics_runtime_milliseconds`` ÷ 1000
 ==========================  ====================================================
+
+``cpu_seconds`` is the Erlang runtime's CPU time, summed over its threads
+(``statistics(runtime)``): the work the node did. It leaves out what the
+schedulers burn busy-waiting for work, which the OS counts as the process's
+CPU (measured on an idle-ish node: runtime rose 3.5 s while the process's
+utime + stime rose 6.4 s in the same 20 s) and which they give up when the
+cores are wanted elsewhere.
 
 A metric the node does not export (or that does not parse) is left out; an
 endpoint that does not answer raises :class:`MetricsUnavailable`.
@@ -61,7 +69,13 @@ METRICS: dict[str, str] = {
     "messages_confirmed_total": "rabbitmq_global_messages_confirmed_total",
     "alarm_memory": "rabbitmq_alarms_memory_used_watermark",
     "alarm_fds": "rabbitmq_alarms_file_descriptor_limit",
+    "cpu_seconds": "erlang_vm_statistics_runtime_milliseconds",
 }
+#: Metrics whose unit is not the key's: multiply by this.
+SCALE = {"cpu_seconds": 0.001}
+#: Counters exported without the ``_total`` suffix, which prometheus_client's
+#: parser then does not return: parsed without their TYPE line (as untyped).
+UNTYPED = {"erlang_vm_statistics_runtime_milliseconds"}
 
 
 class MetricsUnavailable(Exception):
@@ -100,7 +114,12 @@ def parse(text: str) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith("#"):
             parts = line.split(None, 3)
-            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE") and parts[2] in wanted:
+            if (
+                len(parts) >= 3
+                and parts[1] in ("HELP", "TYPE")
+                and parts[2] in wanted
+                and parts[2] not in UNTYPED
+            ):
                 lines[parts[2]].append(line)
             continue
         name = line.split("{", 1)[0].split(None, 1)[0] if line.strip() else ""
@@ -120,5 +139,5 @@ def parse(text: str) -> dict[str, float]:
         except Exception:  # a parse quirk drops this one metric, never the scrape
             continue
         if seen:
-            out[key] = total
+            out[key] = total * SCALE.get(key, 1.0)
     return out

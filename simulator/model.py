@@ -44,6 +44,7 @@ class BrokerSample:
     connections: float
     messages_in_total: float = 0.0  # cumulative messages published into queues/streams
     messages_out_total: float = 0.0  # cumulative messages delivered to consumers
+    cpu_seconds: float = 0.0  # cumulative CPU of the node's Erlang runtime (0: not exported)
 
 
 @dataclass

@@ -58,6 +58,12 @@ FLEET_SIZES = (10_000, 35_000, 100_000)
 STREAM_REPLICATION_NODES = 3
 # Timeline actions that move or drop connections: costs are measured before them.
 DISRUPTIVE_ACTIONS = frozenset({"restart-node", "cut", "churn"})
+#: Defaults of the CPU sizing targets: the whole fleet reconnected (a storm)
+#: and a revision delivered to every device within these many seconds.
+DEFAULT_RECONNECT_TARGET = 180.0
+DEFAULT_ROLLOUT_TARGET = 10.0
+#: A quiet window shorter than this cannot tell the steady CPU per device.
+MIN_QUIET_SECONDS = 5.0
 # Fewer connections than this and the broker's own noise (GC, stats) swamps
 # the per-connection difference: no per-connection cost is claimed.
 MIN_CONNECTIONS_TO_MEASURE = 100
@@ -154,10 +160,14 @@ def compute(
     node_fds: int = DEFAULT_NODE_FDS,
     node_cores: int = DEFAULT_NODE_CORES,
     headroom: float = DEFAULT_HEADROOM,
+    reconnect_target: float = DEFAULT_RECONNECT_TARGET,
+    rollout_target: float = DEFAULT_ROLLOUT_TARGET,
 ) -> dict[str, Any]:
     """Every figure of ``run``, machine-readable (no raw series)."""
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
+    if reconnect_target <= 0 or rollout_target <= 0:
+        raise ValueError("the reconnect and rollout targets must be positive seconds")
     if node_memory_bytes <= 0 or node_fds <= 0 or node_cores <= 0:
         raise ValueError("node memory, fds and cores must be positive")
     notes: list[str] = list(run.notes)
@@ -203,6 +213,8 @@ def compute(
             node_fds=node_fds,
             node_cores=node_cores,
             headroom=headroom,
+            reconnect_target=reconnect_target,
+            rollout_target=rollout_target,
         ),
         "scenario": run.scenario,
         "versions": run.versions,
@@ -517,7 +529,11 @@ def _broker(run: RunData, notes: list[str]) -> dict[str, Any]:
                 else None
             ),
         }
-    return {"nodes": per_node, "per_connection": _per_connection(run, nodes, notes)}
+    return {
+        "nodes": per_node,
+        "per_connection": _per_connection(run, nodes, notes),
+        "cpu": _broker_cpu(run, nodes),
+    }
 
 
 def _per_connection(
@@ -595,6 +611,115 @@ def _per_connection(
     }
 
 
+def _cpu_at(series: list[BrokerSample], t: float) -> float | None:
+    """A node's cumulative CPU at ``t``, interpolated; None outside its samples."""
+    before = next((s for s in reversed(series) if s.t <= t), None)
+    after = next((s for s in series if s.t >= t), None)
+    if before is None or after is None or not before.cpu_seconds or not after.cpu_seconds:
+        return None
+    if after.t == before.t:
+        return before.cpu_seconds
+    share = (t - before.t) / (after.t - before.t)
+    return before.cpu_seconds + share * (after.cpu_seconds - before.cpu_seconds)
+
+
+def _cluster_cpu(nodes: dict[str, list[BrokerSample]], t0: float, t1: float) -> float | None:
+    """CPU seconds all nodes used between t0 and t1; None where a node cannot tell
+    (not sampled then, does not export CPU, or restarted in between)."""
+    total = 0.0
+    for series in nodes.values():
+        inside = [s.cpu_seconds for s in series if t0 <= s.t <= t1]
+        a, b = _cpu_at(series, t0), _cpu_at(series, t1)
+        if a is None or b is None or any(y < x for x, y in zip(inside, inside[1:], strict=False)):
+            return None
+        total += b - a
+    return total
+
+
+def _connected_seconds(run: RunData, t0: float, t1: float) -> float:
+    """∫ devices connected dt over [t0, t1] (trapezoids over the fleet samples)."""
+    points = [(s.t, s.connected) for s in run.samples if t0 <= s.t <= t1]
+    return sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(points, points[1:], strict=False))
+
+
+def _broker_cpu(run: RunData, nodes: dict[str, list[BrokerSample]]) -> dict[str, Any]:
+    """What the broker's CPU costs per device: steady, per connection, per delivery.
+
+    * steady — core-seconds per second per connected device, in the quiet
+      window after the ramp and before the first action;
+    * per connection — the ramp's CPU less the steady cost of the devices
+      already connected, ÷ connections made;
+    * per delivery — the largest rollout's CPU (publish → last device in
+      force) less the steady cost, ÷ devices it was delivered to (every
+      connected device reads every bundle off the stream, targeted or not).
+    """
+    method = (
+        "Erlang runtime CPU (erlang_vm_statistics_runtime_milliseconds) summed over "
+        "nodes between two moments, interpolated between samples"
+    )
+    out: dict[str, Any] = {
+        "steady_core_seconds_per_device_second": None,
+        "core_seconds_per_connection": None,
+        "core_seconds_per_delivery": None,
+        "method": method,
+        "reason": None,
+    }
+    if not nodes or not any(s.cpu_seconds for series in nodes.values() for s in series):
+        out["reason"] = "the nodes did not export their CPU (erlang_vm_statistics_runtime)"
+        return out
+    if not run.samples:
+        out["reason"] = "no fleet samples"
+        return out
+    most = max(s.connected for s in run.samples)
+    full = next((s for s in run.samples if s.connected >= 0.999 * most), None)
+    first_action = min((a.t for a in run.actions), default=run.samples[-1].t)
+    if full is None or most == 0:
+        out["reason"] = "no device connected"
+        return out
+    steady = None
+    quiet0, quiet1 = full.t + 1.0, first_action - 1.0
+    if quiet1 - quiet0 >= MIN_QUIET_SECONDS:
+        cpu = _cluster_cpu(nodes, quiet0, quiet1)
+        device_seconds = _connected_seconds(run, quiet0, quiet1)
+        if cpu is not None and device_seconds > 0:
+            steady = max(0.0, cpu / device_seconds)
+            out["steady_core_seconds_per_device_second"] = steady
+            out["steady_window"] = [_r(quiet0), _r(quiet1)]
+    if steady is None:
+        out["reason"] = (
+            f"no quiet window of {MIN_QUIET_SECONDS:g} s between the ramp and the first "
+            "action, or the nodes were not sampled then"
+        )
+        return out
+    start = next((s for s in run.samples if s.connected > 0), None)
+    if start is not None:
+        before = [s for s in run.samples if s.t < start.t]
+        t0 = before[-1].t if before else start.t
+        made = full.connected - (before[-1].connected if before else 0)
+        cpu = _cluster_cpu(nodes, t0, full.t)
+        if cpu is not None and made > 0:
+            work = cpu - steady * _connected_seconds(run, t0, full.t)
+            out["core_seconds_per_connection"] = max(0.0, work) / made
+            out["ramp_window"] = [_r(t0), _r(full.t)]
+    rollouts = [
+        r
+        for r in run.rollouts
+        if r.latencies
+        and r.t < min((a.t for a in run.actions if a.kind in DISRUPTIVE_ACTIONS), default=math.inf)
+    ]
+    if rollouts:
+        biggest = max(rollouts, key=lambda r: (r.processed or len(r.latencies), r.revision))
+        t1 = biggest.t + max(biggest.latencies)
+        delivered = biggest.processed or _devices_connected_at(run, biggest.t) or 0
+        cpu = _cluster_cpu(nodes, biggest.t, t1)
+        if cpu is not None and delivered:
+            work = cpu - steady * _connected_seconds(run, biggest.t, t1)
+            out["core_seconds_per_delivery"] = max(0.0, work) / delivered
+            out["delivery_revision"] = biggest.revision
+            out["delivery_window"] = [_r(biggest.t), _r(t1)]
+    return out
+
+
 # --------------------------------------------------------------------------
 # Sizing
 
@@ -611,10 +736,14 @@ def _sizing(
     node_fds: int,
     node_cores: int,
     headroom: float,
+    reconnect_target: float = DEFAULT_RECONNECT_TARGET,
+    rollout_target: float = DEFAULT_ROLLOUT_TARGET,
 ) -> dict[str, Any]:
     cost = broker["per_connection"]
+    cpu = broker.get("cpu") or {}
     usable_memory = node_memory_bytes * MEMORY_HIGH_WATERMARK * (1 - headroom)
     usable_fds = node_fds * (1 - headroom)
+    usable_cores = node_cores * (1 - headroom)
     other = _other_config(run.broker_config)
     sizing: dict[str, Any] = {
         "broker_config": run.broker_config,
@@ -636,11 +765,23 @@ def _sizing(
             "idle_memory_bytes_per_node": cost.get("idle_memory_bytes_per_node"),
             "idle_fds_per_node": cost.get("idle_fds_per_node"),
             "connect_rate_per_second": _connect_rate(run),
+            "usable_cores_per_node": usable_cores,
+            "reconnect_target_s": reconnect_target,
+            "rollout_target_s": rollout_target,
+            "steady_core_seconds_per_device_second": cpu.get(
+                "steady_core_seconds_per_device_second"
+            ),
+            "core_seconds_per_connection": cpu.get("core_seconds_per_connection"),
+            "core_seconds_per_delivery": cpu.get("core_seconds_per_delivery"),
         },
         "cpu": (
-            "Broker CPU is not sampled, so CPU is not modelled: the node counts "
-            f"assume {node_cores} cores keep up. Check broker CPU during the ramp and "
-            "rollouts before relying on them."
+            "Broker CPU is the Erlang runtime's, measured on this run's machine (where "
+            "the load generator shares the cores), and assumed to scale linearly with "
+            "devices and to spread evenly over nodes; stream replication and cluster "
+            "traffic between nodes are in the measured figures only as far as this "
+            "run's cluster had them."
+            if cpu.get("reason") is None
+            else f"Broker CPU is not modelled: {cpu.get('reason')}."
         ),
         "stream_replication": (
             f"Streams: at least {STREAM_REPLICATION_NODES} nodes are advisable so the "
@@ -657,7 +798,14 @@ def _sizing(
         )
     for devices in FLEET_SIZES:
         sizing["fleets"].append(
-            _fleet_nodes(devices, cost, usable_memory, usable_fds, _connect_rate(run))
+            _fleet_nodes(
+                devices,
+                cost,
+                usable_memory,
+                usable_fds,
+                _connect_rate(run),
+                _cpu_constraint(devices, cpu, usable_cores, reconnect_target, rollout_target),
+            )
         )
     return sizing
 
@@ -668,8 +816,9 @@ def _fleet_nodes(
     usable_memory: float,
     usable_fds: float,
     connect_rate: float | None,
+    cpu: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    cpu = {"nodes": None, "reasoning": "not modelled (broker CPU is not sampled)"}
+    cpu = cpu or {"nodes": None, "reasoning": "not modelled (broker CPU was not measured)"}
     if cost["reason"] is not None:
         reason = f"per-device broker costs not measured: {cost['reason']}"
         return {
@@ -726,6 +875,46 @@ def _fleet_nodes(
     }
 
 
+def _cpu_constraint(
+    devices: int,
+    cpu: dict[str, Any],
+    usable_cores: float,
+    reconnect_target: float,
+    rollout_target: float,
+) -> dict[str, Any]:
+    """Nodes for the broker's CPU: the largest of three loads, in cores.
+
+    steady (devices × steady cost), a reconnect storm of the whole fleet
+    within ``reconnect_target`` s, a rollout to every device within
+    ``rollout_target`` s; each ÷ usable cores per node.
+    """
+    steady = cpu.get("steady_core_seconds_per_device_second")
+    per_connection = cpu.get("core_seconds_per_connection")
+    per_delivery = cpu.get("core_seconds_per_delivery")
+    if cpu.get("reason") is not None or steady is None:
+        return {"nodes": None, "reasoning": f"not modelled: {cpu.get('reason') or 'no figures'}"}
+    loads = {"steady": (devices * steady, f"{devices:,} devices × {steady * 1000:.3f} core-ms/s")}
+    if per_connection is not None:
+        loads["reconnect storm"] = (
+            devices * per_connection / reconnect_target,
+            f"{devices:,} connections × {per_connection * 1000:.2f} core-ms "
+            f"÷ {reconnect_target:g} s",
+        )
+    if per_delivery is not None:
+        loads["rollout"] = (
+            devices * per_delivery / rollout_target,
+            f"{devices:,} deliveries × {per_delivery * 1000:.3f} core-ms ÷ {rollout_target:g} s",
+        )
+    worst = max(loads, key=lambda k: loads[k][0])
+    need, _ = loads[worst]
+    parts = "; ".join(f"{k}: {text} = {cores:.2f} cores" for k, (cores, text) in loads.items())
+    result = _constraint(
+        need, usable_cores, f"{parts}; per node {usable_cores:g} usable cores; {worst} binds"
+    )
+    result["loads_cores"] = {k: round(v[0], 3) for k, v in loads.items()}
+    return result
+
+
 def _constraint(need: float, capacity: float, reasoning: str) -> dict[str, Any]:
     if capacity <= 0:
         return {
@@ -768,6 +957,8 @@ def write(
     node_fds: int = DEFAULT_NODE_FDS,
     node_cores: int = DEFAULT_NODE_CORES,
     headroom: float = DEFAULT_HEADROOM,
+    reconnect_target: float = DEFAULT_RECONNECT_TARGET,
+    rollout_target: float = DEFAULT_ROLLOUT_TARGET,
 ) -> dict[str, Any]:
     """Write run-data.json (first: a bug below must not lose a long run),
     then report.json, report.md and the charts into ``directory``."""
@@ -780,6 +971,8 @@ def write(
         node_fds=node_fds,
         node_cores=node_cores,
         headroom=headroom,
+        reconnect_target=reconnect_target,
+        rollout_target=rollout_target,
     )
     figures["charts"] = _draw_charts(run, figures, directory)
     document = {**figures, "series": _series(run)}
@@ -1070,8 +1263,27 @@ def _sizing_markdown(f: dict[str, Any]) -> list[str]:
             f"{s['extrapolation']}"
         )
         out.append("")
+        if i.get("steady_core_seconds_per_device_second") is not None:
+            cpu = f["broker"]["cpu"]
+
+            def core_ms(key: str, digits: int) -> str:
+                value = i.get(key)
+                return "n/a" if value is None else f"{value * 1000:.{digits}f} core-ms"
+
+            out.append(
+                f"Measured broker CPU (Erlang runtime, all nodes): steady "
+                f"{core_ms('steady_core_seconds_per_device_second', 4)} per device per "
+                f"second; {core_ms('core_seconds_per_connection', 2)} per connection set up "
+                f"(ramp); {core_ms('core_seconds_per_delivery', 3)} per bundle delivered "
+                f"(revision {cpu.get('delivery_revision', 'n/a')}). Targets: the whole fleet "
+                f"reconnected within {i['reconnect_target_s']:g} s, a revision delivered "
+                f"within {i['rollout_target_s']:g} s; usable cores per node "
+                f"{i['usable_cores_per_node']:g}."
+            )
+            out.append("")
         out.append(
-            "| devices | memory nodes | fd nodes | CPU | nodes | binds | with stream replication "
+            "| devices | memory nodes | fd nodes | CPU nodes | nodes | binds "
+            "| with stream replication "
             "| full reconnect at measured rate |"
         )
         out.append("|---|---|---|---|---|---|---|---|")
@@ -1080,7 +1292,8 @@ def _sizing_markdown(f: dict[str, Any]) -> list[str]:
             out.append(
                 f"| {fleet['devices']:,} | {_fmt(c['memory']['nodes'])} "
                 f"| {_fmt(c['fds']['nodes'])} "
-                f"| not modelled | **{_fmt(fleet['nodes'])}** | {fleet['binding']} "
+                f"| {_fmt(c['cpu']['nodes']) if c['cpu']['nodes'] else 'not modelled'} "
+                f"| **{_fmt(fleet['nodes'])}** | {fleet['binding']} "
                 f"| {_fmt(fleet['nodes_with_stream_replication'])} "
                 f"| {_fmt(fleet['reconnect_seconds_at_measured_rate'], 's')} |"
             )
@@ -1092,6 +1305,7 @@ def _sizing_markdown(f: dict[str, Any]) -> list[str]:
             out.append(f"- **{fleet['devices']:,} devices** — binds: {fleet['binding']}")
             out.append(f"  - memory: {c['memory']['reasoning']}")
             out.append(f"  - fds: {c['fds']['reasoning']}")
+            out.append(f"  - CPU: {c['cpu']['reasoning']}")
         out.append("")
     out.append(f"- {s['cpu']}")
     out.append(f"- {s['stream_replication']}")
@@ -1146,7 +1360,7 @@ def _draw_charts(run: RunData, figures: dict[str, Any], directory: Path) -> list
     }
     written = []
     for filename, draw in drawers.items():
-        fig = Figure(figsize=(10, 7 if filename == "broker.png" else 5), dpi=100)
+        fig = Figure(figsize=(10, 9 if filename == "broker.png" else 5), dpi=100)
         FigureCanvasAgg(fig)
         try:
             draw(fig, run)
@@ -1288,14 +1502,23 @@ def _chart_broker(fig: Any, run: RunData) -> None:
         ("fds", "open file descriptors", 1),
         ("erlang_processes", "Erlang processes", 1),
         ("connections", "connections", 1),
+        ("cpu_seconds", "CPU (cores busy, Erlang runtime)", None),
+        (None, "", 1),
     ]
     nodes = _by_node(run.broker)
-    axes = fig.subplots(2, 2, sharex=True)
+    axes = fig.subplots(3, 2, sharex=True)
     for ax, (field, label, scale) in zip(axes.flat, panels, strict=True):
+        if field is None:
+            ax.axis("off")
+            continue
         if not nodes:
             _no_data(ax, "broker samples")
             continue
         for name, series in nodes.items():
+            if scale is None:  # a cumulative counter: plot its rate
+                points = rates([s.t for s in series], [s.cpu_seconds for s in series])
+                ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+                continue
             ax.plot([s.t for s in series], [getattr(s, field) / scale for s in series], label=name)
         _mark_actions(ax, run.actions, label=False)
         ax.set_title(label, fontsize=10)
@@ -1303,7 +1526,7 @@ def _chart_broker(fig: Any, run: RunData) -> None:
         ax.grid(alpha=0.3)
     if nodes:
         axes[0][0].legend(fontsize=8)
-        for ax in axes[1]:
+        for ax in axes[2]:
             ax.set_xlabel("seconds since start")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
 

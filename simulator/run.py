@@ -37,6 +37,7 @@ from edgeward.enforcement.selector import selects
 from edgeward.transport import topology
 from edgeward.transport.admin import ManagementAPI, url_with_vhost
 from edgeward.transport.connection import connect_blocking, redact, split_urls
+from edgeward.transport.errors import BrokerUnreachable
 from edgeward.transport.signing import Signer
 from edgeward.transport.wire import Bundle
 
@@ -44,6 +45,8 @@ from . import model
 from .scenario import Scenario, Step, device_name, labels_for
 
 SETTLE = 5.0
+API_TIMEOUT = 60.0  # one management API request, seconds
+API_PATIENCE = 300.0  # how long a busy management API is waited for
 PROBES = 3
 
 
@@ -201,10 +204,7 @@ class Runner:
         share_connections: int = 0,
         baseline_delivery: str = "stream",
         baseline_only: bool = False,
-        node_memory: int,
-        node_fds: int,
-        node_cores: int,
-        headroom: float,
+        sizing: dict[str, Any] | None = None,
         out=print,
     ) -> None:
         self.scenario = scenario
@@ -217,12 +217,8 @@ class Runner:
         self.share = share_connections
         self.baseline_delivery = baseline_delivery
         self.baseline_only = baseline_only
-        self.sizing = {
-            "node_memory_bytes": node_memory,
-            "node_fds": node_fds,
-            "node_cores": node_cores,
-            "headroom": headroom,
-        }
+        # Keyword arguments of report.write: node_memory_bytes, node_fds, ...
+        self.sizing = dict(sizing or {})
         self.out = out
         self.abort = threading.Event()
         self.cluster: Any = None
@@ -250,7 +246,10 @@ class Runner:
             urls = list(self.cluster.amqp_urls)
             metrics = list(zip(self.cluster.node_names, self.cluster.prometheus_urls, strict=True))
             self.api = ManagementAPI(
-                self.cluster.management_urls[0].rstrip("/") + "/api", "guest", "guest"
+                self.cluster.management_urls[0].rstrip("/") + "/api",
+                "guest",
+                "guest",
+                timeout=API_TIMEOUT,
             )
             label = str(self.broker_config) if self.broker_config else "default"
             return urls, metrics, label
@@ -264,13 +263,25 @@ class Runner:
             for u, m in zip(urls, metric_urls, strict=False)
         ]
         self.api = ManagementAPI.for_amqp_url(urls[0])
+        self.api.timeout = API_TIMEOUT
         return urls, metrics, "as found"
 
     def _vhost(self, urls: list[str], name: str) -> list[str]:
         assert self.api is not None
-        self.api.create_vhost(name)
         user = urlsplit(urls[0]).username or "guest"
-        self.api.set_permissions(name, user)
+        deadline = time.monotonic() + API_PATIENCE
+        while True:
+            try:
+                self.api.create_vhost(name)
+                self.api.set_permissions(name, user)
+                break
+            except BrokerUnreachable as exc:
+                # A node that just closed tens of thousands of connections can
+                # keep its management API busy for a minute: wait, then give up.
+                if time.monotonic() > deadline or self.abort.is_set():
+                    raise
+                self.out(f"management API busy ({exc}); retrying")
+                time.sleep(5)
         self.vhosts.append(name)
         with_vhost = [url_with_vhost(u, name) for u in urls]
         conn = connect_blocking(with_vhost, name="edgeward-simulate")
@@ -596,6 +607,7 @@ class Runner:
 
     def execute(self) -> dict:
         self.report_dir.mkdir(parents=True, exist_ok=True)
+        failure: Exception | None = None
         s = self.scenario
         run_id = uuid.uuid4().hex[:8]
         urls, metrics, config_label = self._broker()
@@ -642,12 +654,21 @@ class Runner:
         except Aborted:
             self.out("\ninterrupted: writing a partial report")
             run.completed = False
+        except Exception as exc:
+            # Whatever broke, what was measured until then is still written.
+            self.out(f"\nthe run failed ({exc}): writing a partial report")
+            run.completed = False
+            run.notes.append(f"The run failed: {exc}")
+            failure = exc
         finally:
             run.duration = time.time() - self.t0
             self.cleanup()
         from . import report
 
-        return report.write(run, self.report_dir, **self.sizing)
+        figures = report.write(run, self.report_dir, **self.sizing)
+        if failure is not None:
+            raise failure
+        return figures
 
     def _drop_vhost(self, name: str) -> None:
         if self.api is not None and name in self.vhosts:
@@ -678,6 +699,8 @@ def _sizing_limits(args: Any) -> dict[str, Any]:
         "node_fds": args.node_fds,
         "node_cores": args.node_cores,
         "headroom": args.headroom,
+        "reconnect_target": args.reconnect_target,
+        "rollout_target": args.rollout_target,
     }
 
 
@@ -735,10 +758,7 @@ def simulate(args: Any) -> int:
         share_connections=args.share_connections,
         baseline_delivery=args.baseline_delivery,
         baseline_only=args.baseline_only,
-        node_memory=int(args.node_memory * 1024**3),
-        node_fds=args.node_fds,
-        node_cores=args.node_cores,
-        headroom=args.headroom,
+        sizing=_sizing_limits(args),
         out=lambda line: print(line, flush=True),
     )
 

@@ -107,6 +107,15 @@ def test_parse_keeps_what_parses() -> None:
     assert parse(text) == {"connections": 3.0, "messages_in_total": 7.0}
 
 
+def test_the_erlang_runtime_in_milliseconds_becomes_cpu_seconds() -> None:
+    text = (
+        "# TYPE erlang_vm_statistics_runtime_milliseconds counter\n"
+        "# HELP erlang_vm_statistics_runtime_milliseconds The sum of the runtime.\n"
+        "erlang_vm_statistics_runtime_milliseconds 81208\n"
+    )
+    assert parse(text) == {"cpu_seconds": pytest.approx(81.208)}
+
+
 def test_scrape_unreachable_raises(free_port_factory) -> None:
     url = f"http://127.0.0.1:{free_port_factory()}/metrics"
     with pytest.raises(MetricsUnavailable) as info:
@@ -165,6 +174,9 @@ def test_stream_on_node2_and_metrics(cluster: LocalCluster) -> None:
             assert {"memory_bytes", "fds", "fd_limit", "connections", "erlang_processes"} <= set(m)
             assert m["memory_bytes"] > 10_000_000
             assert 0 < m["fds"] < m["fd_limit"]
+            # The Erlang runtime's CPU in seconds: a booted node has used some,
+            # and far less than it has been up (ms were not taken for s).
+            assert 0.1 < m["cpu_seconds"] < 3600
         assert m1["connections"] == 0
     finally:
         conn.close()

@@ -528,3 +528,99 @@ def test_without_matplotlib_the_report_is_written_and_says_charts_were_skipped(
     assert not list(tmp_path.glob("*.png"))
     assert (tmp_path / "report.json").exists()
     assert "Charts skipped: matplotlib is not installed" in (tmp_path / "report.md").read_text()
+
+
+# --- broker CPU ----------------------------------------------------------------
+
+
+def cpu_run(*, restart_at: float | None = None) -> RunData:
+    """100 devices connect at 10/s over 10 s onto two nodes; quiet until t = 30,
+    when revision 1 reaches all 100 within 2 s. The broker's CPU (split evenly
+    over the nodes) is 0.1 core-ms per connected device per second, 10 core-ms
+    per connection set up and 2 core-ms per bundle delivered."""
+    steady, per_connection, per_delivery = 0.0001, 0.01, 0.002
+    run = synthetic_run(samples=[], broker=[], actions=[], rollouts=[], devices=100)
+    run.rollouts = [
+        Rollout(
+            revision=1,
+            t=30.0,
+            targeted=100,
+            online_at_publish=100,
+            latencies=[0.02 * (i + 1) for i in range(100)],
+            processed=100,
+        )
+    ]
+    run.actions = [Action(t=30.0, kind="apply", detail={"revision": 1})]
+    if restart_at is not None:
+        run.actions.append(Action(t=restart_at, kind="restart-node", detail={}))
+    for second in range(41):
+        t = float(second)
+        connected = min(100, 10 * second)
+        device_seconds = 5 * t * t if t <= 10 else 500 + 100 * (t - 10)
+        delivered = 0.0 if t <= 30 else min(100, 50 * (t - 30))
+        cpu = steady * device_seconds + per_connection * connected + per_delivery * delivered
+        run.samples.append(
+            FleetSample(t, connected, connected, 100, 0, 0, 0, 50 * MIB, 0.1 * second)
+        )
+        for node in run.nodes:
+            run.broker.append(
+                BrokerSample(
+                    t=t,
+                    node=node,
+                    memory_bytes=IDLE_MEMORY,
+                    fds=IDLE_FDS,
+                    erlang_processes=400,
+                    connections=connected / 2,
+                    cpu_seconds=5.0 + cpu / 2,
+                )
+            )
+    return run
+
+
+def test_broker_cpu_per_device_per_connection_and_per_delivery_come_from_their_windows() -> None:
+    cpu = figures_for(cpu_run())["broker"]["cpu"]
+
+    assert cpu["reason"] is None
+    assert cpu["steady_core_seconds_per_device_second"] == pytest.approx(0.0001)
+    assert cpu["core_seconds_per_connection"] == pytest.approx(0.01)
+    assert cpu["core_seconds_per_delivery"] == pytest.approx(0.002)
+    assert cpu["delivery_revision"] == 1
+
+
+def test_cpu_nodes_are_the_largest_of_steady_storm_and_rollout_loads() -> None:
+    # Given nodes of 4 cores with 25% headroom (3 usable), a 180 s storm and a 2 s rollout
+    figures = report.compute(
+        cpu_run(),
+        node_cores=4,
+        headroom=0.25,
+        reconnect_target=180,
+        rollout_target=2,
+    )
+    first = figures["sizing"]["fleets"][0]
+    assert first["devices"] == 10_000
+    cpu = first["constraints"]["cpu"]
+    # Then 10,000 devices need 1 core steady, 0.56 for the storm, 10 for the rollout
+    assert cpu["loads_cores"] == {
+        "steady": pytest.approx(1.0),
+        "reconnect storm": pytest.approx(10_000 * 0.01 / 180, abs=1e-3),
+        "rollout": pytest.approx(10.0),
+    }
+    # And the rollout binds: ceil(10 / 3) = 4 nodes, with the arithmetic shown
+    assert cpu["nodes"] == 4
+    assert "rollout binds" in cpu["reasoning"] and "3 usable cores" in cpu["reasoning"]
+
+
+def test_without_cpu_samples_cpu_is_not_modelled_and_says_why() -> None:
+    run = cpu_run()
+    for sample in run.broker:
+        sample.cpu_seconds = 0.0
+    figures = figures_for(run)
+    assert "did not export their CPU" in figures["broker"]["cpu"]["reason"]
+    assert figures["sizing"]["fleets"][0]["constraints"]["cpu"]["nodes"] is None
+    assert "not modelled" in figures["sizing"]["cpu"]
+
+
+def test_a_restart_before_the_rollout_keeps_its_cpu_out_of_the_delivery_cost() -> None:
+    cpu = figures_for(cpu_run(restart_at=25.0))["broker"]["cpu"]
+    assert cpu["core_seconds_per_delivery"] is None
+    assert cpu["core_seconds_per_connection"] == pytest.approx(0.01)
