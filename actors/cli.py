@@ -699,6 +699,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.3,
         help="sizing: share of each limit kept free (default %(default)s)",
     )
+    sim.add_argument(
+        "--reconnect-target",
+        type=float,
+        default=180.0,
+        metavar="SECONDS",
+        help="sizing: the whole fleet reconnected within this (CPU; default %(default)s)",
+    )
+    sim.add_argument(
+        "--rollout-target",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="sizing: a revision delivered to every device within this (CPU; default %(default)s)",
+    )
     sim.set_defaults(func=cmd_simulate)
 
     devices = verbs.add_parser(
@@ -735,17 +749,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    sim.add_argument(
-        "--reconnect-target",
-        type=float,
-        default=180.0,
-        metavar="SECONDS",
-        help="sizing: the whole fleet reconnected within this (CPU; default %(default)s)",
-    )
-    sim.add_argument(
-        "--rollout-target",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="sizing: a revision delivered to every device within this (CPU; default %(default)s)",
-    )
