@@ -708,7 +708,9 @@ def _broker_cpu(run: RunData, nodes: dict[str, list[BrokerSample]]) -> dict[str,
         and r.t < min((a.t for a in run.actions if a.kind in DISRUPTIVE_ACTIONS), default=math.inf)
     ]
     if rollouts:
-        biggest = max(rollouts, key=lambda r: (r.processed or len(r.latencies), r.revision))
+        # The rollout that put the most in force (every connected device reads
+        # each bundle, so deliveries alone do not tell them apart).
+        biggest = max(rollouts, key=lambda r: (len(r.latencies), r.processed, -r.revision))
         t1 = biggest.t + max(biggest.latencies)
         delivered = biggest.processed or _devices_connected_at(run, biggest.t) or 0
         cpu = _cluster_cpu(nodes, biggest.t, t1)
