@@ -11,35 +11,46 @@ log streams (an asyncio loop with grpc's asyncio API; see
 ``enforcement/kubearmor``).  It only hands what it sees to the ioloop
 (``add_callback_threadsafe``): the daemon (re)appearing, which makes the
 ioloop reconcile the daemon with the set in force and retry a failed apply,
-and alerts and logs, which the ioloop keeps in the :class:`Outbox`.
+and alerts and logs, which the ioloop keeps in the outbox.
+
+Telemetry (docs/telemetry.md, "Agent side"): every record — the backend's
+alerts and logs, the core's own events (``Emit``), the outbox's drop reports
+— is numbered and committed to the :class:`~edgeward.actors.outbox.Outbox`
+first; a :class:`~edgeward.actors.outbox.Sender` on a second channel of the
+agent's connection drains it with publisher confirms.  With the builtin
+backend, ``--events-from PATH`` feeds it events to judge (:class:`EventsReader`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
+import stat
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cbor2
 from pika.adapters.select_connection import IOLoop, SelectConnection
-from sqlitedict import SqliteDict
 
 from edgeward.enforcement.backend import Backend, BackendError, BuiltinBackend
-from edgeward.transport.connection import quiet_pika, split_urls
+from edgeward.transport.connection import Backoff, quiet_pika, split_urls
 from edgeward.transport.signing import Verifier
 
 from . import core as c
 from .cache import AgentCache
 from .config import AgentConfig
+from .outbox import Outbox, Sender, cancel_timer
 from .shell import AgentShell, Link
 
 TICK_SECONDS = 1.0
 OUTBOX_SUMMARY_SECONDS = 60.0
+DROP_REPORT_SECONDS = 60.0  # a drop report at most this often while connected
+TELEMETRY_CHANNEL_RETRY_SECONDS = 5.0
+TAG_PREFIX = "edgeward-rev:"  # the kubearmor backend's revision tag (not imported: grpc)
 
 
 def make_backend(config: AgentConfig) -> Backend:
@@ -55,65 +66,153 @@ def make_backend(config: AgentConfig) -> Backend:
     return KubeArmorBackend(settings)
 
 
-class Outbox:
-    """What the backend saw (alerts, logs), kept on disk for telemetry.
+class EventsReader:
+    """Follows a JSONL file of events (``edgeward policy test``'s schema) or a
+    named pipe on the ioloop, and hands complete lines to ``handle`` in batches.
 
-    One sqlitedict table (``outbox`` in ``outbox.sqlite`` beside the cache),
-    one entry per event under ``"<seq>:<kind>"`` with a per-device sequence
-    number.  Sending it on is the telemetry issue's; until then it only fills,
-    bounded at ``max_entries``: when full the oldest entry of the lowest
-    priority goes first (logs before alerts), and every drop is counted.
-    Writes are queued to sqlitedict's writer thread and committed on
-    :meth:`flush` (every tick), so the ioloop never waits on the disk for them.
+    A regular file is read to its end, then polled for new lines every
+    ``poll`` seconds (``call_later``); where it stood is stored with the
+    records it produced (``position``/``resume``), so a restart neither
+    repeats nor skips a line.  A file replaced by another (a new inode) or cut
+    shorter is read from its start.  A named pipe is watched with
+    ``add_handler``; the reader holds it open for writing too, so it never
+    sees end-of-file between writers (it reopens it if it ever does).
     """
 
-    PRIORITY = ("log", "alert")  # lowest first
+    BATCH_BYTES = 64 * 1024
 
-    def __init__(self, directory: Path, max_entries: int = 10_000) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "outbox.sqlite"
-        self.max_entries = max_entries
-        self._db = SqliteDict(
-            str(self.path),
-            tablename="outbox",
-            encode=cbor2.dumps,
-            decode=cbor2.loads,
-            autocommit=False,
-            outer_stack=False,
-        )
-        self._keys: dict[str, deque[str]] = {kind: deque() for kind in self.PRIORITY}
-        self.seq = 0
-        for key in self._db.keys():  # in insertion order
-            seq, _, kind = key.partition(":")
-            self._keys.setdefault(kind, deque()).append(key)
-            self.seq = max(self.seq, int(seq))
-        self.kept: Counter[str] = Counter()
-        self.dropped: Counter[str] = Counter()
-        self._dirty = False
+    def __init__(
+        self,
+        path: Path,
+        ioloop: IOLoop,
+        handle: Callable[[list[bytes], str | None], None],
+        *,
+        resume: str | None = None,
+        poll: float = 0.5,
+    ) -> None:
+        self.path = path
+        self.ioloop = ioloop
+        self.handle = handle  # (complete lines, position after them or None for a pipe)
+        self.poll = poll
+        self._resume = resume
+        self._file: Any = None
+        self._fd: int | None = None
+        self._inode = 0
+        self._pending = b""
+        self._timer: Any = None
+        self.stopped = False
 
-    def __len__(self) -> int:
-        return sum(len(keys) for keys in self._keys.values())
+    def start(self) -> None:
+        try:
+            is_pipe = stat.S_ISFIFO(os.stat(self.path).st_mode)
+        except OSError:
+            is_pipe = False  # not there yet: poll for it
+        if is_pipe:
+            self._open_pipe()
+        else:
+            self._read_file()
 
-    def add(self, kind: str, data: Mapping[str, Any], now: float) -> None:
-        self.seq += 1
-        key = f"{self.seq:012d}:{kind}"
-        self._db[key] = {"seq": self.seq, "kind": kind, "time": now, "data": dict(data)}
-        self._keys.setdefault(kind, deque()).append(key)
-        self.kept[kind] += 1
-        self._dirty = True
-        while len(self) > self.max_entries:
-            lowest = next(k for k in [*self.PRIORITY, *self._keys] if self._keys.get(k))
-            del self._db[self._keys[lowest].popleft()]
-            self.dropped[lowest] += 1
+    def stop(self) -> None:
+        self.stopped = True
+        if self._timer is not None:
+            cancel_timer(self.ioloop, self._timer)
+        if self._fd is not None:
+            self.ioloop.remove_handler(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if self._file is not None:
+            self._file.close()
 
-    def flush(self) -> None:
-        if self._dirty:
-            self._db.commit(blocking=False)
-            self._dirty = False
+    # -- a regular file ------------------------------------------------------------
 
-    def close(self) -> None:
-        self._db.commit(blocking=True)
-        self._db.close()
+    def _later(self, delay: float) -> None:
+        if not self.stopped:
+            self._timer = self.ioloop.call_later(delay, self._read_file)
+
+    def _read_file(self) -> None:
+        self._timer = None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._later(self.poll)
+            return
+        if self._file is None or st.st_ino != self._inode or st.st_size < self._file.tell():
+            if self._file is not None:
+                self._file.close()
+            self._file = open(self.path, "rb")  # noqa: SIM115 - held open while following
+            self._inode = st.st_ino
+            offset = self._resumed_offset(st)
+            self._file.seek(offset)
+        start = self._file.tell()
+        data = self._file.read(self.BATCH_BYTES)
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            self._file.seek(start)
+            if len(data) == self.BATCH_BYTES:  # one line longer than a batch: skip it
+                self._file.seek(start + len(data))
+                self.handle([data], f"{self._inode}:{start + len(data)}")
+            self._later(self.poll)
+            return
+        self._file.seek(start + end)
+        self.handle(data[:end].splitlines(), f"{self._inode}:{start + end}")
+        self._later(0 if len(data) == self.BATCH_BYTES else self.poll)
+
+    def _resumed_offset(self, st: os.stat_result) -> int:
+        resume, self._resume = self._resume, None
+        inode, _, offset = str(resume or "").partition(":")
+        if inode == str(st.st_ino) and offset.isdigit() and int(offset) <= st.st_size:
+            return int(offset)
+        return 0
+
+    # -- a named pipe ----------------------------------------------------------------
+
+    def _open_pipe(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+        self.ioloop.add_handler(self._fd, self._on_pipe, IOLoop.READ)
+
+    def _on_pipe(self, fd: int, _events: int) -> None:
+        try:
+            data = os.read(fd, self.BATCH_BYTES)
+        except BlockingIOError:
+            return
+        if not data:  # end of file: every writer went (cannot happen while we hold it)
+            self.ioloop.remove_handler(fd)
+            os.close(fd)
+            self._fd = None
+            if not self.stopped:
+                self._open_pipe()
+            return
+        data = self._pending + data
+        end = data.rfind(b"\n") + 1
+        self._pending = data[end:]
+        if end:
+            self.handle(data[:end].splitlines(), None)
+
+
+def kubearmor_alert(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A telemetry ``alert`` body from one KubeArmor alert (its fields kept under ``kubearmor``)."""
+    tags = [t for t in str(raw.get("Tags", "")).split(",") if t]
+    revision = next(
+        (
+            int(t[len(TAG_PREFIX) :])
+            for t in tags
+            if t.startswith(TAG_PREFIX) and t[len(TAG_PREFIX) :].isdigit()
+        ),
+        None,
+    )
+    severity = str(raw.get("Severity", ""))
+    return {
+        "policy": raw.get("PolicyName"),
+        "action": raw.get("Action"),
+        "severity": int(severity) if severity.isdigit() else None,
+        "operation": raw.get("Operation"),
+        "resource": raw.get("Resource"),
+        "source": raw.get("Source") or raw.get("ProcessName"),
+        "tags": [t for t in tags if not t.startswith(TAG_PREFIX)],
+        "message": raw.get("Message"),
+        "revision": revision,
+        "kubearmor": dict(raw),
+    }
 
 
 class LocalEnforcer(AgentShell):
@@ -126,6 +225,7 @@ class LocalEnforcer(AgentShell):
         backend: Backend | None = None,
         clock: Callable[[], float] = time.time,
         out: Callable[[str], None] | None = None,
+        events_from: Path | None = None,
     ) -> None:
         self.config = config
         self.urls = split_urls(config.broker_url)
@@ -136,18 +236,39 @@ class LocalEnforcer(AgentShell):
                 config.labels,
                 Verifier(config.trusted_keys),
                 heartbeat_interval=config.heartbeat_interval,
+                records=True,
             ),
             backend or make_backend(config),
             self.disk_cache,
             clock=clock,
             out=out or (lambda line: print(line, flush=True)),
         )
-        # Made with the kubearmor backend's alert/log watch, its only source yet.
-        self.outbox: Outbox | None = None
+        self.ioloop = IOLoop()
+        self.outbox: Outbox = Outbox(
+            Path(config.cache_dir) / "outbox.sqlite",
+            config.device,
+            max_records=config.outbox_max_records,
+            max_bytes=config.outbox_max_bytes,
+        )
+        self.sender = Sender(
+            self.outbox,
+            self.ioloop,
+            window=config.telemetry_window,
+            rate=config.telemetry_rate,
+            jitter=config.telemetry_drain_jitter_s,
+            clock=time.monotonic,
+            say=self.say,
+        )
+        if events_from is not None and self.backend.name != "builtin":
+            raise ValueError("--events-from needs the builtin backend (kubearmor sees real events)")
+        self.events_from = events_from
+        self.events: EventsReader | None = None
+        self.bad_events = 0
         self.watch: Any = None
         self._summary_at = 0.0
         self._summarised: Counter[str] = Counter()
-        self.ioloop = IOLoop()
+        self._drops_at = 0.0
+        self._telemetry_channel: Any = None
         self.link = Link(
             [self],
             self.urls,
@@ -156,6 +277,7 @@ class LocalEnforcer(AgentShell):
             name=f"edgeward-agent {config.device}",
             prefetch=config.prefetch,
             on_event=self._on_link_event,
+            backoff=Backoff(spread=config.reconnect_spread_s),
         )
 
     def _on_link_event(self, kind: str, detail: str) -> None:
@@ -175,27 +297,119 @@ class LocalEnforcer(AgentShell):
         super().start()
 
     def put_in_force(self, policies: Sequence[Any], digest: str, revision: int) -> str:
-        if self.backend.name == "kubearmor":  # it tags each policy with the revision
-            return self.backend.apply(policies, digest, revision=revision)  # type: ignore[call-arg]
-        return super().put_in_force(policies, digest, revision)
+        # Both backends remember the revision (kubearmor tags each policy with
+        # it; builtin names it in alerts).
+        return self.backend.apply(policies, digest, revision=revision)  # type: ignore[call-arg]
 
     def run(self) -> int:
         self.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.ioloop.add_callback_threadsafe(self.stop))
         self._start_watch()
+        self._start_events()
         self.link.start()
         self.ioloop.call_later(TICK_SECONDS, self._tick)
         self.ioloop.start()
         if self.watch is not None:
             self.watch.stop()
+        if self.events is not None:
+            self.events.stop()
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
-        if self.outbox is not None:
-            self.outbox.close()
+        self.outbox.close()
         self.disk_cache.close()
         return 0
+
+    # -- telemetry: a second channel, in confirm mode, for the sender ----------------
+
+    def attach(self, channel: Any, prefetch: int) -> None:
+        super().attach(channel, prefetch)
+        self._open_telemetry_channel(channel.connection)
+
+    def detach(self, reason: str) -> None:
+        super().detach(reason)
+        self.sender.detach()
+        self._telemetry_channel = None
+
+    def _open_telemetry_channel(self, connection: Any) -> None:
+        if connection is self.link.conn and self.link.is_open:
+            connection.channel(on_open_callback=self._on_telemetry_channel)
+
+    def _on_telemetry_channel(self, channel: Any) -> None:
+        if channel.connection is not self.link.conn:
+            return  # opened on a connection since given up
+        self._telemetry_channel = channel
+        channel.add_on_close_callback(self._on_telemetry_closed)
+        self._report_drops(force=True)  # what was dropped offline goes first
+        self.sender.attach(channel)
+
+    def _on_telemetry_closed(self, channel: Any, reason: Any) -> None:
+        if channel is not self._telemetry_channel:
+            return
+        self._telemetry_channel = None
+        self.sender.detach()
+        if self.link.is_open and self.link.wanted:
+            # e.g. 404: the telemetry exchange is not declared yet.  The
+            # records wait in the outbox; try a fresh channel in a while.
+            self.say(f"telemetry channel closed ({reason}); retrying")
+            conn = self.link.conn
+            self.ioloop.call_later(
+                TELEMETRY_CHANNEL_RETRY_SECONDS, lambda: self._open_telemetry_channel(conn)
+            )
+
+    def _report_drops(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._drops_at:
+            return
+        record = self.outbox.report_drops(self.clock())
+        if record is not None:
+            self._drops_at = now + DROP_REPORT_SECONDS
+            dropped = ", ".join(f"{n} {k}" for k, n in sorted(record.body["dropped"].items()))
+            self.say(f"warning: outbox full: dropped {dropped} since first start")
+
+    # -- events to judge (builtin backend, --events-from) ------------------------------
+
+    def _start_events(self) -> None:
+        if self.events_from is None:
+            return
+        self.events = EventsReader(
+            self.events_from,
+            self.ioloop,
+            self._on_event_lines,
+            resume=self.outbox.position("events"),
+        )
+        self.say(f"judging events from {self.events_from}")
+        self.events.start()
+
+    def _on_event_lines(self, lines: list[bytes], position: str | None) -> None:
+        from edgeward.enforcement.evaluator import Event, EventError
+
+        backend: BuiltinBackend = self.backend  # type: ignore[assignment]
+        items: list[tuple[str, dict[str, Any]]] = []
+        bad: list[str] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                event = Event.from_json(json.loads(line))
+            except (ValueError, EventError) as exc:  # JSONDecodeError is a ValueError
+                bad.append(str(exc)[:200])
+                continue
+            decision = backend.evaluate(event)
+            if decision.action in ("Audit", "Block"):
+                items.append(("alert", backend.alert(event, decision)))
+            elif self.config.log_allowed_events:
+                items.append(("log", backend.alert(event, decision)))
+        if bad:
+            self.bad_events += len(bad)
+            items.append(
+                ("event", {"event": "bad_events", "count": len(bad), "first_error": bad[0]})
+            )
+            self.say(f"warning: {len(bad)} unreadable event lines (first: {bad[0]})")
+        self.outbox.accept_many(
+            items, self.clock(), source=None if position is None else ("events", position)
+        )
 
     # -- the kubearmor daemon, through the watch thread ---------------------------
 
@@ -207,18 +421,16 @@ class LocalEnforcer(AgentShell):
         def hand_over(event: object) -> None:  # called on a watch thread
             self.ioloop.add_callback_threadsafe(functools.partial(self._on_daemon, event))
 
-        self.outbox = Outbox(Path(self.config.cache_dir))
         self.watch = Watch(self.backend, hand_over).start()  # type: ignore[arg-type]
 
     def _on_daemon(self, event: Any) -> None:
         """A watch event, now on the ioloop."""
         from edgeward.enforcement.kubearmor import backend as ka
 
-        assert self.outbox is not None  # made with the watch
         if isinstance(event, ka.AlertSeen):
-            self.outbox.add("alert", event.alert, self.clock())
+            self.outbox.accept("alert", kubearmor_alert(event.alert), self.clock())
         elif isinstance(event, ka.LogSeen):
-            self.outbox.add("log", event.log, self.clock())
+            self.outbox.accept("log", dict(event.log), self.clock())
         elif isinstance(event, ka.DaemonUp):
             self.say(f"kubearmor at {event.address} answers")
             self._reconcile()
@@ -249,17 +461,19 @@ class LocalEnforcer(AgentShell):
         self._retry_failed_apply()  # the broker came back: try a failed apply again too
 
     def _summarise_outbox(self, now: float) -> None:
-        if self.outbox is None:
-            return
-        counts = self.outbox.kept + self.outbox.dropped
+        # What the backend saw and what was dropped; the agent's own events
+        # are said in their own lines already.
+        seen = Counter({k: n for k, n in self.outbox.accepted.items() if k != "event"})
+        counts = seen + Counter({f"dropped:{k}": n for k, n in self.outbox.dropped.items()})
         if counts == self._summarised or now < self._summary_at:
             return
         self._summarised = Counter(counts)
         self._summary_at = now + OUTBOX_SUMMARY_SECONDS
-        kept, dropped = self.outbox.kept, self.outbox.dropped
+        kept, dropped = self.outbox.accepted, self.outbox.dropped
         self.say(
             f"outbox: {kept['alert']} alerts, {kept['log']} logs kept since start"
-            f" ({sum(dropped.values())} dropped, {len(self.outbox)} waiting)"
+            f" ({sum(dropped.values())} dropped, {len(self.outbox)} waiting,"
+            f" {kept['event']} events, {self.sender.confirmed} sent)"
         )
 
     def stop(self) -> None:
@@ -275,16 +489,20 @@ class LocalEnforcer(AgentShell):
         if self.link.stopped:
             return
         self.tick()
-        if self.outbox is not None:
-            self.outbox.flush()
-            self._summarise_outbox(self.clock())
+        if self.sender.draining:
+            self._report_drops()
+        self._summarise_outbox(self.clock())
         self.ioloop.call_later(TICK_SECONDS, self._tick)
 
 
-def run_agent(config_path: Path) -> int:
+def run_agent(config_path: Path, events_from: Path | None = None) -> int:
     config = AgentConfig.read(config_path)
     # The agent says what happened to its link in its own words; pika's log
     # would repeat each failure several times over.
     quiet_pika()
-    agent = LocalEnforcer(config, out=lambda line: print(f"[{config.device}] {line}", flush=True))
+    agent = LocalEnforcer(
+        config,
+        out=lambda line: print(f"[{config.device}] {line}", flush=True),
+        events_from=events_from,
+    )
     return agent.run()

@@ -36,6 +36,7 @@ from .config import (
     broker_url_from_env,
     home_from_env,
 )
+from .fleet import STATES
 
 EXIT = {"ok": 0, "error": 1, "bad_input": 2, "unreachable": 3, "interrupted": 130}
 
@@ -207,7 +208,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_agent_run(args: argparse.Namespace) -> int:
     from .agent import run_agent
 
-    return run_agent(Path(args.config))
+    return run_agent(Path(args.config), Path(args.events_from) if args.events_from else None)
 
 
 def _load(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -418,6 +419,152 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_when(text: str, option: str, now: float | None = None) -> float:
+    """Epoch seconds from ISO 8601 (naive = local time) or an age (``10m``,
+    ``2h``, ``1d``) counted back from ``now``."""
+    from datetime import datetime
+
+    value = text.strip()
+    age = _AGE.match(value)
+    if age:
+        return (time.time() if now is None else now) - float(age[1]) * _AGE_UNITS[age[2]]
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise CliError(
+            "bad_input",
+            f"{option} {text!r}: expected ISO 8601 (2026-11-26T21:00:00Z) or an age "
+            "like 30s, 10m, 2h, 1d",
+        ) from None
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _alert_line(r: dict) -> str:
+    return (
+        f"{_when(r['time'])}  {r['device']}:{r['seq']}  severity {r['severity']}  "
+        f"{r['action']}  {r['policy']}  {r['operation']} {r['resource']}  from {r['source']}"
+    )
+
+
+def _alerts_from(args: argparse.Namespace) -> Callable[[m.Alerts], tuple[list[dict], int | None]]:
+    """Where alerts come from: the running collector, or an audit store file."""
+    if args.store is not None:
+        from dataclasses import asdict
+
+        from .audit_store import AlertQuery, AuditStore
+
+        path = Path(args.store)
+        if not path.is_file():
+            raise CliError("bad_input", f"--store {args.store}: no such file")
+        store = AuditStore(path)
+        return lambda query: store.alerts(AlertQuery(**asdict(query)))
+    from .runtime import Client
+
+    client = Client(args.admin_port)
+
+    def ask(query: m.Alerts) -> tuple[list[dict], int | None]:
+        value = _reply_value(client.collector(query))
+        return value["alerts"], value["offset"]
+
+    return ask
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    if args.limit < 0:
+        raise CliError("bad_input", "--limit must be 0 (all) or more")
+    if args.severity is not None and args.severity < 0:
+        raise CliError("bad_input", "--severity must be 0 or more")
+    since = None if args.since is None else parse_when(args.since, "--since")
+    query = m.Alerts(args.device, args.policy, args.severity, since, None, args.limit or None)
+    fetch = _alerts_from(args)
+    rows, high = fetch(query)
+    if not args.follow:
+        emit(
+            args,
+            rows,
+            lambda rs: table(
+                [
+                    (
+                        _when(r["time"]),
+                        r["device"],
+                        r["seq"],
+                        r["severity"],
+                        r["action"],
+                        r["policy"],
+                        r["operation"],
+                        shorten(str(r["resource"]), 50),
+                        r["source"],
+                    )
+                    for r in rs
+                ],
+                ["TIME", "DEVICE", "SEQ", "SEVERITY", "ACTION", "POLICY", "OPERATION", "RESOURCE"]
+                + ["SOURCE"],
+            ),
+        )
+        if args.limit and len(rows) == args.limit and not args.json:
+            print(f"edgeward: the latest {args.limit} shown; --limit 0 for all", file=sys.stderr)
+        return 0
+    # --follow: what is stored now, then what arrives, one line (or JSON object) each.
+    show = (lambda r: json.dumps(r, sort_keys=True)) if args.json else _alert_line
+    try:
+        while True:
+            for row in rows:
+                print(show(row), flush=True)
+            time.sleep(args.interval)
+            after = -1 if high is None else high
+            rows, newest = fetch(replace(query, after_offset=after, limit=None))
+            high = high if newest is None else newest
+    except KeyboardInterrupt:
+        return EXIT["ok"]  # Ctrl-C is how --follow ends
+
+
+def cmd_audit_replay(args: argparse.Namespace) -> int:
+    import pika.exceptions
+
+    from .collector import replay
+
+    since = parse_when(args.since, "--from")
+    into = Path(
+        args.into or Path(args.home) / f"audit-replay-{time.strftime('%Y%m%d-%H%M%S')}.sqlite"
+    )
+    if into.exists():
+        raise CliError("bad_input", f"--into {into}: exists; replay writes a fresh store")
+    tty = sys.stderr.isatty()
+
+    def progress(read: int) -> None:
+        if tty:
+            print(f"\rread {read} records ...", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = replay(args.broker_url, since, into, on_progress=progress)
+    except pika.exceptions.AMQPError as exc:  # e.g. no telemetry stream: `broker up` first
+        raise CliError("error", f"replay failed: {exc!r}") from None
+    if tty:
+        print(file=sys.stderr)
+    refused = sum(result.refused.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.refused.items()))
+    span = (
+        f" (offsets {result.first_offset}-{result.last_offset})"
+        if result.first_offset is not None
+        else ""
+    )
+    print(
+        f"read {result.read} records from the telemetry stream since {_when(since)}{span} "
+        f"into {into}: {result.stored} stored, {result.duplicates} duplicates, "
+        f"{refused} refused" + (f" ({reasons})" if reasons else "")
+    )
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edgeward.simulator.run import simulate
     from edgeward.simulator.scenario import ScenarioError
@@ -544,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arun = agent.add_parser("run", help="run one device agent in the foreground")
     arun.add_argument("--config", required=True, help="the file `edgeward enroll` wrote")
+    arun.add_argument("--events-from", help="builtin backend: judge JSONL events from a file/pipe")
     arun.set_defaults(func=cmd_agent_run)
 
     policy = verbs.add_parser("policy", help="fleet policies").add_subparsers(
@@ -718,10 +866,63 @@ def build_parser() -> argparse.ArgumentParser:
     devices = verbs.add_parser(
         "devices", parents=[common, as_json], help="desired versus reported state of every device"
     )
-    devices.add_argument(
-        "--state", help="only devices in this state (in_sync, pending, offline, failed, unknown)"
-    )
+    devices.add_argument("--state", choices=STATES, help="only devices in this state")
     devices.set_defaults(func=cmd_devices)
+
+    alerts = verbs.add_parser(
+        "alerts",
+        parents=[common, as_json],
+        help="alerts the devices sent, from the audit store",
+        description="Alerts the TelemetryCollector stored, oldest first (the latest --limit). "
+        "With --follow, new alerts are printed as they are stored until Ctrl-C (exit 0); "
+        "--follow --json prints one JSON object per line. See docs/telemetry.md.",
+    )
+    alerts.add_argument("--device", help="only this device's alerts")
+    alerts.add_argument("--policy", help="only alerts decided by this policy")
+    alerts.add_argument("--severity", type=int, metavar="N", help="only severity N or higher")
+    alerts.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only alerts seen at or after TIME: ISO 8601 (naive = local time) or an age "
+        "like 10m, 2h, 1d",
+    )
+    alerts.add_argument("--follow", "-f", action="store_true", help="keep printing new alerts")
+    alerts.add_argument(
+        "--limit", type=int, default=100, help="the latest N (default %(default)s; 0 for all)"
+    )
+    alerts.add_argument(
+        "--interval", type=float, default=0.5, help=argparse.SUPPRESS
+    )  # --follow's polling period
+    alerts.add_argument(
+        "--store",
+        metavar="FILE",
+        help="read an audit store file (e.g. from `audit replay`) instead of the control plane",
+    )
+    alerts.set_defaults(func=cmd_alerts)
+
+    audit = verbs.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="sub", required=True, metavar="ACTION"
+    )
+    areplay = audit.add_parser(
+        "replay",
+        parents=[common],
+        help="re-read the telemetry stream from a time into a fresh audit store",
+        description="Read the edgeward.telemetry stream from TIME (as the broker stored it; "
+        "precise to a stream chunk) to its end into a new SQLite audit store, deduplicated "
+        "and checked as the collector does, and say how many records were read. Query the "
+        "result with `edgeward alerts --store FILE`.",
+    )
+    areplay.add_argument(
+        "--from",
+        dest="since",
+        required=True,
+        metavar="TIME",
+        help="ISO 8601 (naive = local time) or an age like 10m, 2h, 1d",
+    )
+    areplay.add_argument(
+        "--into", metavar="FILE", help="the new store (default HOME/audit-replay-<time>.sqlite)"
+    )
+    areplay.set_defaults(func=cmd_audit_replay)
     return parser
 
 

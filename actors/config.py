@@ -46,11 +46,39 @@ class AgentConfig:
     # of older configs is read as {"kind": "builtin"}.
     backend: dict[str, Any] = field(default_factory=lambda: {"kind": "builtin"})
     extra: dict[str, object] = field(default_factory=dict)
+    # Telemetry (docs/telemetry.md, "Agent side"): the outbox's bounds; how
+    # many records may wait for a confirm; how fast the outbox drains (records
+    # per second) and how long after each (re)connect draining starts at the
+    # latest (a random delay in [0, jitter], so a fleet coming back together
+    # does not arrive at once).
+    outbox_max_records: int = 10_000
+    outbox_max_bytes: int = 16 * 1024 * 1024
+    telemetry_window: int = 100
+    telemetry_rate: float = 100.0
+    telemetry_drain_jitter_s: float = 60.0
+    # After losing the broker, the first reconnect waits a random time in
+    # [0, this]: a node restart or an uplink outage that drops thousands of
+    # devices together does not bring them back as one wall. Then the usual
+    # backoff (full jitter, 0.5 s doubling to 30 s).
+    reconnect_spread_s: float = 10.0
+    # With the builtin backend and --events-from: an event the set in force
+    # allows becomes a ``log`` record too (like KubeArmor's system log).
+    log_allowed_events: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, str):
             self.backend = {"kind": self.backend}
         self.kubearmor_settings()  # refuses a bad backend now, not at first apply
+        for name in ("outbox_max_records", "outbox_max_bytes", "telemetry_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.telemetry_rate, int | float) or self.telemetry_rate <= 0:
+            raise ValueError("telemetry_rate: expected a positive number of records/s")
+        for name in ("telemetry_drain_jitter_s", "reconnect_spread_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: expected seconds, 0 or more")
 
     @property
     def backend_kind(self) -> str:

@@ -4,6 +4,7 @@
   revisions (and snapshots); keeps the revision history in SQLite.
 * :class:`DeviceMirror` — enrolled devices, desired versus reported state.
 * :class:`BrokerLink` — owns the AMQP connection for both.
+* The TelemetryCollector (``collector.py``) owns its own connection.
 
 How pika lives inside Thespian: the BrokerLink owns a pika
 ``BlockingConnection`` and never blocks waiting for input.  Every handler
@@ -40,6 +41,7 @@ from edgeward.transport.signing import Signer
 from edgeward.transport.wire import Bundle, Heartbeat, decode
 
 from . import messages as m
+from .collector import retentions
 from .fleet import STATES, Desired, FleetRevision, advance, desired_for, device_state
 from .store import Store
 
@@ -180,13 +182,7 @@ class BrokerLink(_Configured):
             conn = connect_blocking(self.urls, name="edgeward-control-plane")
             channel = conn.channel()
             assert self.settings is not None
-            s = self.settings
-            topology.declare(
-                channel,
-                topology.Retention(
-                    s.retention_max_age, s.retention_max_bytes, s.retention_segment_bytes
-                ),
-            )
+            topology.declare(channel, *retentions(self.settings))
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.HEARTBEAT_PREFETCH)
             channel.basic_consume(topology.HEARTBEAT_QUEUE, self._on_heartbeat)
@@ -570,12 +566,18 @@ class DeviceMirror(_Configured):
                 sender, m.Reply.fail(m.BAD_INPUT, f"state must be one of {', '.join(STATES)}")
             )
         now = time.time()
+        latest = self.history[-1].revision if self.history else 0
         rows = []
         for device in sorted(self.labels):
             reported = self.reported.get(device)
             desired = self.desired[device]
             state = device_state(
-                desired, reported, self.last_seen.get(device), now, self.settings.offline_after
+                desired,
+                reported,
+                self.last_seen.get(device),
+                now,
+                self.settings.offline_after,
+                latest=latest,
             )
             if msg.state is not None and state != msg.state:
                 continue
@@ -591,6 +593,11 @@ class DeviceMirror(_Configured):
                     "rejected": reported.get("rejected", {}) if reported else {},
                     "gaps": reported.get("gaps", 0) if reported else 0,
                     "error": reported.get("error", "") if reported else "",
+                    "hash": reported.get("hash") if reported else None,
+                    "desired_hash": desired.digest,
+                    "status": reported.get("status") if reported else None,
+                    "outbox": reported.get("outbox", 0) if reported else 0,
+                    "dropped": reported.get("dropped", {}) if reported else {},
                 }
             )
         self.send(sender, m.Reply(True, rows))

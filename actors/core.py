@@ -45,6 +45,21 @@ Rules
 11. ``RetryApply(now)`` (the host saw the backend or the broker come back)
     brings a pending retry of a failed apply forward to now; with nothing
     pending it changes nothing.
+
+Telemetry records (only a core made with ``records=True``: the real agent;
+the simulator keeps no outbox and leaves it off)
+
+12. What the core itself does that the control plane's audit trail must hold
+    goes out as ``Emit(type="event", body)``, whose ``body["event"]`` names
+    it: ``revision_applied`` (a bundle's set, or a retried set, is in force;
+    with ``revision``, ``digest``, ``policies``), ``apply_failed``
+    (``revision``, ``error``), ``bundle_refused`` (``reason``, ``detail``,
+    ``offset``), ``gap`` (``revision``, ``offset``, ``detail``) and
+    ``cache_refused`` (``detail``).  The host keeps each in its outbox, where
+    it gets its sequence number: numbering is I/O, not the core's.
+13. An ``Emit`` comes before the ``Persist`` and the ``Ack`` of the delivery
+    behind it: a crash in between may repeat the event (the delivery comes
+    again), never lose it.
 """
 
 from __future__ import annotations
@@ -160,7 +175,16 @@ class Report:
     text: str
 
 
-Effect = Apply | Persist | Ack | Consume | SendHeartbeat | Report
+@dataclass(frozen=True)
+class Emit:
+    """A telemetry record the core produced (rules 12-13): the host numbers it
+    and keeps it in its outbox before carrying out the next effect."""
+
+    type: str  # a record type of transport.wire.RECORD_TYPES; the core emits "event"
+    body: Mapping[str, Any]
+
+
+Effect = Apply | Persist | Ack | Consume | SendHeartbeat | Report | Emit
 
 
 # -- selection ---------------------------------------------------------------
@@ -259,8 +283,11 @@ class AgentCore:
         heartbeat_interval: float = 10.0,
         retry_interval: float = 30.0,
         shared: SharedState | None = None,
+        records: bool = False,
     ) -> None:
         self.device = device
+        # Emit telemetry records of the core's own events (rules 12-13)?
+        self.records = records
         # Many cores in one process (the simulator) share one copy of
         # identical state; a device keeps its own.
         self.shared = shared
@@ -323,6 +350,7 @@ class AgentCore:
             if problem:
                 self.state.rejected["cache_corrupt"] += 1
                 effects.append(Report("warning", f"cache not trusted ({problem}); starting empty"))
+                effects.extend(self._emit("cache_refused", detail=problem))
             else:
                 s = self.state
                 s.revision = ev.cache.revision
@@ -416,11 +444,18 @@ class AgentCore:
             return []
         return self._handle_delivery(ev)
 
+    def _emit(self, event: str, **details: Any) -> list[Effect]:
+        """The core's own event as a telemetry record, if it keeps records."""
+        if not self.records:
+            return []
+        return [Emit("event", {"event": event, **details})]
+
     def _reject(self, ev: Delivery, reason: str, detail: str) -> list[Effect]:
         self.state.rejected[reason] += 1
         self.state.offset = ev.offset
         return [
             Report("warning", f"bundle at offset {ev.offset} refused: {reason} {detail}".rstrip()),
+            *self._emit("bundle_refused", reason=reason, detail=detail, offset=ev.offset),
             Ack(ev.tag),
             *self._heartbeat_now(),
         ]
@@ -502,6 +537,7 @@ class AgentCore:
         s.offset = ev.offset
         return [
             Report("warning", f"gap in the policy stream ({detail}); waiting for a snapshot"),
+            *self._emit("gap", revision=s.revision, offset=ev.offset, detail=detail),
             Ack(ev.tag),
             *self._heartbeat_now(),
         ]
@@ -536,10 +572,12 @@ class AgentCore:
             s.last_bundle = self.shared.blob(ev.body)
         s.fleet = fleet
         s.fleet_digests = digests
+        effects: list[Effect] = []
         if changed:
             s.applied_revision = bundle.revision
             self._cached_digest = s.in_force_digest
-        effects: list[Effect] = [Persist(self._record())]
+            effects.extend(self._applied_event())
+        effects.append(Persist(self._record()))
         # A delivery tag belongs to the link it came on; after a reconnect the
         # broker gives the message again (we consume from the stored offset).
         if link == self._link and s.link_up:
@@ -547,6 +585,16 @@ class AgentCore:
         if changed:
             effects.extend(self._heartbeat_now())
         return effects
+
+    def _applied_event(self) -> list[Effect]:
+        s = self.state
+        policies = len(select_names(s.fleet, self.device, self.labels)) if self.records else 0
+        return self._emit(
+            "revision_applied",
+            revision=s.revision,
+            digest=s.in_force_digest,
+            policies=policies,
+        )
 
     def _on_ApplyResult(self, ev: ApplyResult) -> list[Effect]:
         s = self.state
@@ -563,6 +611,8 @@ class AgentCore:
             s.error = ev.error
             self._apply_wanted_at = self._now + self.retry_interval
             effects.append(Report("warning", f"apply failed: {ev.error}"))
+            revision = self._in_flight.bundle.revision if self._in_flight else s.revision
+            effects.extend(self._emit("apply_failed", revision=revision, error=ev.error))
 
         if self._in_flight is not None:
             flight, self._in_flight = self._in_flight, None
@@ -587,6 +637,8 @@ class AgentCore:
                 # the current revision's now.
                 s.applied_revision = s.revision
                 self._cached_digest = ev.digest
+                if self._retrying:
+                    effects.extend(self._applied_event())
                 effects.append(Persist(self._record()))
             self._retrying = False
             effects.extend(self._heartbeat_now())

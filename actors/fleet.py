@@ -9,8 +9,14 @@ unknown    never reported
 offline    silent for longer than ``offline_after`` seconds
 failed     reports that its last apply failed
 in_sync    enforces the desired digest, at or past the desired revision
+drifted    reports ``ok`` at or past the desired revision (and not past the
+           latest one the mirror knows), but enforces another digest: what
+           is in force is not what was sent
 pending    anything else: behind, catching up, or waiting for a snapshot
 =========  ===============================================================
+
+A device reporting a revision the mirror has not heard of yet (its bundle
+arrived before the mirror learnt it was published) is pending, not drifted.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from edgeward.enforcement.digest import EMPTY_DIGEST, combine, doc_digest, name_
 
 from .core import select_for
 
-STATES = ("in_sync", "pending", "offline", "failed", "unknown")
+STATES = ("in_sync", "pending", "drifted", "offline", "failed", "unknown")
 
 
 @dataclass(frozen=True)
@@ -70,17 +76,21 @@ def device_state(
     last_seen: float | None,
     now: float,
     offline_after: float,
+    latest: int | None = None,
 ) -> str:
+    """The device's state; ``latest`` is the newest published revision the
+    caller knows (None: no bound)."""
     if reported is None or last_seen is None:
         return "unknown"
     if now - last_seen > offline_after:
         return "offline"
     if reported.get("status") == "failed":
         return "failed"
-    if (
-        reported.get("hash") == desired.digest
-        and int(reported.get("revision", 0)) >= desired.revision
-        and not reported.get("awaiting_snapshot")
-    ):
+    revision = int(reported.get("revision", 0))
+    if reported.get("awaiting_snapshot") or revision < desired.revision:
+        return "pending"
+    if reported.get("hash") == desired.digest:
         return "in_sync"
+    if reported.get("status", "ok") == "ok" and (latest is None or revision <= latest):
+        return "drifted"
     return "pending"

@@ -43,6 +43,12 @@ class Settings:
     retention_max_age: str = "30D"
     retention_max_bytes: int = 1024**3
     retention_segment_bytes: int = 16 * 1024**2
+    # The audit trail (edgeward.telemetry stream) and its collector.
+    telemetry_max_age: str = "90D"
+    telemetry_max_bytes: int = 10 * 1024**3
+    telemetry_segment_bytes: int = 16 * 1024**2
+    collector_batch: int = 250  # commit after this many deliveries ...
+    collector_batch_ms: float = 200.0  # ... or this long after a batch's first
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,21 @@ class ListDevices:
     state: str | None = None
 
 
+# -- CLI -> TelemetryCollector ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alerts:
+    """Stored alerts matching the filters (see ``audit_store.AlertQuery``)."""
+
+    device: str | None = None
+    policy: str | None = None
+    severity: int | None = None
+    since: float | None = None
+    after_offset: int | None = None
+    limit: int | None = None
+
+
 # -- between actors ----------------------------------------------------------
 
 
@@ -152,3 +173,16 @@ class SnapshotWanted:
     """DeviceMirror -> PolicyDistributor: a device waits for a snapshot."""
 
     device: str
+
+
+@dataclass(frozen=True)
+class ReaderState:
+    """TelemetryReader -> TelemetryCollector: how reading the stream goes."""
+
+    pid: int
+    connected: bool
+    error: str = ""
+    resumed_from: int | None = None  # stored offset the reader started after
+    committed: int | None = None  # last offset stored
+    received: int | None = None  # last offset delivered
+    pending: int = 0  # delivered, not yet committed

@@ -14,7 +14,7 @@ os.environ.setdefault("THESPIAN_BASE_IPADDR", "127.0.0.1")
 
 from thespian.actors import ActorSystem  # noqa: E402
 
-from . import control  # noqa: E402
+from . import collector, control  # noqa: E402
 from . import messages as m  # noqa: E402
 
 BASE = "multiprocTCPBase"
@@ -80,9 +80,10 @@ class ControlPlane:
         link = self.asys.createActor(control.BrokerLink, globalName=control.LINK)
         mirror = self.asys.createActor(control.DeviceMirror, globalName=control.MIRROR)
         dist = self.asys.createActor(control.PolicyDistributor, globalName=control.DISTRIBUTOR)
-        self.addresses = {"link": link, "mirror": mirror, "distributor": dist}
+        coll = self.asys.createActor(collector.TelemetryCollector, globalName=collector.COLLECTOR)
+        self.addresses = {"link": link, "mirror": mirror, "distributor": dist, "collector": coll}
         configure = m.Configure(self.settings, link=link, distributor=dist, mirror=mirror)
-        for name in ("mirror", "distributor", "link"):
+        for name in ("mirror", "distributor", "link", "collector"):
             reply = self.asys.ask(self.addresses[name], configure, ASK_TIMEOUT)
             if not isinstance(reply, m.Reply) or not reply.ok:
                 raise RuntimeError(f"{name} did not start: {reply!r}")
@@ -92,6 +93,10 @@ class ControlPlane:
 
     def link_status(self) -> dict[str, Any]:
         reply = self.asys.ask(self.addresses["link"], m.Status(), ASK_TIMEOUT)
+        return reply.value if isinstance(reply, m.Reply) else {}
+
+    def collector_status(self) -> dict[str, Any]:
+        reply = self.asys.ask(self.addresses["collector"], m.Status(), ASK_TIMEOUT)
         return reply.value if isinstance(reply, m.Reply) else {}
 
     def stop(self) -> None:
@@ -117,6 +122,7 @@ class Client:
             control.DISTRIBUTOR: control.PolicyDistributor,
             control.MIRROR: control.DeviceMirror,
             control.LINK: control.BrokerLink,
+            collector.COLLECTOR: collector.TelemetryCollector,
         }[name]
         return self.asys.createActor(cls, globalName=name)
 
@@ -136,3 +142,6 @@ class Client:
 
     def link(self, msg: Any) -> m.Reply:
         return self.ask(control.LINK, msg)
+
+    def collector(self, msg: Any) -> m.Reply:
+        return self.ask(collector.COLLECTOR, msg)

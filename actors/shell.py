@@ -18,6 +18,7 @@ and why it was lost is classified by :func:`close_kind` for counting.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from edgeward.transport import topology
 from edgeward.transport.connection import Backoff, parameters, redact, rotation
 
 from . import core as c
+from .outbox import cancel_timer
 
 
 class Cache(Protocol):
@@ -93,6 +95,10 @@ class AgentShell:
         self.channel: Any = None
         self.deliveries = 0
         self.heartbeats = 0
+        # The telemetry outbox (actors/outbox.py) of a host that keeps one:
+        # the core's Emit effects go into it, and heartbeats report its depth
+        # and drops.  The simulator keeps none.
+        self.outbox: Any = None
 
     # -- the shell's three jobs: input -> event -> effects --------------------
 
@@ -121,6 +127,10 @@ class AgentShell:
                 self._consume(offset)
             case c.SendHeartbeat(heartbeat=hb):
                 if self.channel is not None and self.channel.is_open:
+                    if self.outbox is not None:
+                        hb = dataclasses.replace(
+                            hb, outbox=len(self.outbox), dropped=dict(self.outbox.dropped)
+                        )
                     self.channel.basic_publish(
                         topology.TELEMETRY_EXCHANGE,
                         topology.heartbeat_routing_key(self.device),
@@ -130,6 +140,10 @@ class AgentShell:
                     self.heartbeats += 1
             case c.Report(level=level, text=text):
                 self.say(text if level == "info" else f"{level}: {text}")
+            case c.Emit(type=kind, body=body):
+                # Committed before the next effect (an Ack, a Persist) is carried out.
+                if self.outbox is not None:
+                    self.outbox.accept(kind, body, self.clock())
         return None
 
     # -- hooks for hosts --------------------------------------------------------
@@ -232,9 +246,17 @@ class Link:
     def is_open(self) -> bool:
         return self.conn is not None and self.conn.is_open
 
-    def start(self) -> None:
+    def start(self, *, spread: bool = False) -> None:
+        """Connect now, or (``spread``) after the backoff's first delay, as a
+        device does that lost the broker together with the rest of its fleet."""
         self.wanted = True
-        self._connect()
+        # A connection still closing after cut() is given up on: its close
+        # callback must not count as a loss of the link being started.
+        self.conn = None
+        if spread:
+            self._schedule_reconnect(self.backoff.after_loss())
+        else:
+            self._connect()
 
     def stop(self) -> None:
         """Close for good (the process is stopping)."""
@@ -245,7 +267,7 @@ class Link:
         """Close the connection and do not reconnect until :meth:`start`."""
         self.wanted = False
         if self._retry is not None:
-            self._retry.cancel()
+            cancel_timer(self.loop, self._retry)  # asyncio's handle or pika IOLoop's
             self._retry = None
         if self.conn is not None and not (self.conn.is_closing or self.conn.is_closed):
             self.conn.close()
@@ -275,9 +297,11 @@ class Link:
             custom_ioloop=self.loop,
         )
 
-    def _schedule_reconnect(self) -> None:
+    def _schedule_reconnect(self, delay: float | None = None) -> None:
         if self.wanted and self._retry is None:
-            self._retry = self.loop.call_later(self.backoff.next_delay(), self._connect)
+            if delay is None:
+                delay = self.backoff.next_delay()
+            self._retry = self.loop.call_later(delay, self._connect)
 
     def _on_open(self, conn: Any) -> None:
         if conn is not self.conn:
@@ -316,7 +340,9 @@ class Link:
             shell.detach(str(reason))
         if self.wanted:
             self.on_event("lost:" + close_kind(reason), f"{redact(self.url)}: {reason}")
-            self._schedule_reconnect()
+            # Lost while up: likely with the rest of the fleet (a node or an
+            # uplink went away), so the first attempt is spread out.
+            self._schedule_reconnect(self.backoff.after_loss())
         else:
             self.on_event("closed", str(reason))
 

@@ -32,6 +32,7 @@ from edgeward.actors.core import (
     CacheRecord,
     Consume,
     Delivery,
+    Emit,
     LinkLost,
     LinkUp,
     Persist,
@@ -56,7 +57,7 @@ DEVICE = "pos-berlin-01"
 LABELS = {"store": "berlin", "tier": "pos"}
 HEARTBEAT_INTERVAL = 10.0
 RETRY_INTERVAL = 30.0
-EFFECT_TYPES = (Apply, Persist, Ack, Consume, SendHeartbeat, Report)
+EFFECT_TYPES = (Apply, Persist, Ack, Consume, SendHeartbeat, Report, Emit)
 
 # -- policy documents ----------------------------------------------------------
 
@@ -202,6 +203,7 @@ class FakeHost:
         self.consumed: list[int | str] = []
         self.heartbeats: list[Heartbeat] = []
         self.reports: list[Report] = []
+        self.emitted: list[Emit] = []
         self.hold_applies = False
         self.pending: list[Apply] = []
         self._failures: list[str] = []
@@ -283,6 +285,8 @@ class FakeHost:
                 self.heartbeats.append(hb)
             case Report():
                 self.reports.append(effect)
+            case Emit():
+                self.emitted.append(effect)
         return None
 
     # -- what the device says ----------------------------------------------------
@@ -1736,3 +1740,183 @@ def test_agent_acks_each_delivery_once_and_never_goes_back_whatever_the_stream(
     # And a device that is not waiting for a snapshot holds the control plane's state
     if not host.core.state.awaiting_snapshot and host.core.state.revision == cp.revision:
         assert state_digest(host.core.state.fleet.values()) == cp.digest
+
+
+# == rules 12-13: the core's own events as telemetry records =====================
+
+
+def _events(effects: Iterable[core.Effect]) -> list[str]:
+    return [e.body["event"] for e in of_type(effects, Emit)]
+
+
+def _recording_host(cp: ControlPlane) -> FakeHost:
+    """A linked device at revision 1 (``block-x`` in force) that keeps records."""
+    h = FakeHost(make_core(cp, records=True))
+    h.start()
+    h.link_up()
+    h.deliver(cp.delta(host_policy("block-x")))
+    return h
+
+
+def _applies_a_new_revision(cp: ControlPlane, h: FakeHost) -> list[core.Effect]:
+    return h.deliver(cp.delta(host_policy("block-y", path="/usr/bin/y")))
+
+
+def _refuses_a_forged_bundle(cp: ControlPlane, h: FakeHost) -> list[core.Effect]:
+    return h.deliver(_unknown_key(cp))
+
+
+def _refuses_a_replayed_revision(cp: ControlPlane, h: FakeHost) -> list[core.Effect]:
+    return h.deliver(cp.history[1])
+
+
+def _sees_a_gap(cp: ControlPlane, h: FakeHost) -> list[core.Effect]:
+    cp.skip()
+    return h.deliver(cp.delta(host_policy("block-y", path="/usr/bin/y")))
+
+
+def _fails_an_apply(cp: ControlPlane, h: FakeHost) -> list[core.Effect]:
+    h.fail_next_applies(1, "daemon not running")
+    return _applies_a_new_revision(cp, h)
+
+
+def _retries_a_failed_apply_that_now_works(cp: ControlPlane, h: FakeHost) -> list[core.Effect]:
+    _fails_an_apply(cp, h)
+    return h.tick(RETRY_INTERVAL + 1.0)
+
+
+def _advances_without_a_change_to_its_set(cp: ControlPlane, h: FakeHost) -> list[core.Effect]:
+    return h.deliver(cp.delta(host_policy("paris-only", store="paris")))
+
+
+def _sends_a_periodic_heartbeat(cp: ControlPlane, h: FakeHost) -> list[core.Effect]:
+    return h.tick(HEARTBEAT_INTERVAL * 2)
+
+
+EMITTED = [
+    # (id, what happens to a recording device at revision 1, the effects' kinds,
+    #  the event bodies it emits, without their "event" key)
+    (
+        "a-bundle-put-in-force-emits-revision-applied-before-its-persist-and-ack",
+        _applies_a_new_revision,
+        ["Apply", "Emit", "Persist", "Ack", "SendHeartbeat"],
+        {"revision_applied": {"revision": 2, "policies": 2}},
+    ),
+    (
+        "a-forged-bundle-emits-bundle-refused-with-its-reason-before-its-ack",
+        _refuses_a_forged_bundle,
+        ["Report", "Emit", "Ack", "SendHeartbeat"],
+        {"bundle_refused": {"reason": "unknown_key"}},
+    ),
+    (
+        "a-replayed-revision-emits-bundle-refused-as-stale",
+        _refuses_a_replayed_revision,
+        ["Report", "Emit", "Ack", "SendHeartbeat"],
+        {"bundle_refused": {"reason": "stale"}},
+    ),
+    (
+        "a-gap-emits-gap-naming-the-revision-held-before-its-ack",
+        _sees_a_gap,
+        ["Report", "Emit", "Ack", "SendHeartbeat"],
+        {"gap": {"revision": 1}},
+    ),
+    (
+        "a-failed-apply-emits-apply-failed-with-the-error-before-its-persist",
+        _fails_an_apply,
+        ["Apply", "Report", "Emit", "Persist", "Ack", "SendHeartbeat"],
+        {"apply_failed": {"revision": 2, "error": "daemon not running"}},
+    ),
+    (
+        "a-retry-that-works-emits-revision-applied-before-its-persist",
+        _retries_a_failed_apply_that_now_works,
+        ["Apply", "Emit", "Persist", "SendHeartbeat"],
+        {"revision_applied": {"revision": 2, "policies": 2}},
+    ),
+    (
+        "a-revision-that-leaves-the-set-unchanged-emits-nothing",
+        _advances_without_a_change_to_its_set,
+        ["Persist", "Ack"],
+        {},
+    ),
+    (
+        "a-periodic-heartbeat-emits-nothing",
+        _sends_a_periodic_heartbeat,
+        ["SendHeartbeat"],
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "happens, expected_kinds, expected", [row[1:] for row in EMITTED], ids=[r[0] for r in EMITTED]
+)
+def test_agent_that_keeps_records_emits_its_own_events(
+    cp: ControlPlane, happens, expected_kinds: list[str], expected: dict[str, dict[str, Any]]
+) -> None:
+    # Given a device that keeps telemetry records, at revision 1
+    h = _recording_host(cp)
+    # When something happens to it
+    effects = happens(cp, h)
+    # Then the effects come in this order, and the events say what happened
+    assert kinds(effects) == expected_kinds
+    emitted = of_type(effects, Emit)
+    assert _events(effects) == list(expected)
+    for emit, (name, details) in zip(emitted, expected.items(), strict=True):
+        assert emit.type == "event" and emit.body["event"] == name
+        assert details.items() <= dict(emit.body).items()
+
+
+def test_agent_that_keeps_records_emits_revision_applied_with_the_digest_in_force(
+    cp: ControlPlane,
+) -> None:
+    # Given a device that keeps records
+    h = FakeHost(make_core(cp, records=True))
+    h.start()
+    h.link_up()
+    # When its first revision is put in force
+    effects = h.deliver(cp.delta(host_policy("block-x")))
+    # Then the event names the revision and the digest the backend reports
+    (emit,) = of_type(effects, Emit)
+    assert emit.body == {
+        "event": "revision_applied",
+        "revision": 1,
+        "digest": state_digest([host_policy("block-x")]),
+        "policies": 1,
+    }
+
+
+def test_agent_that_keeps_records_emits_cache_refused_for_a_tampered_cache(
+    cp: ControlPlane,
+) -> None:
+    # Given a cache whose fleet state does not match its signed bundle
+    cp.delta(host_policy("block-x"))
+    cache = cp.cache()
+    tampered = CacheRecord(
+        cache.revision, cache.offset, cache.applied_revision, (), cache.bundle, cache.digest
+    )
+    # When a recording device starts from it
+    effects = FakeHost(make_core(cp, records=True)).start(tampered)
+    # Then it says so as an event, as well as in its log
+    assert _events(effects) == ["cache_refused"]
+
+
+def test_agent_that_keeps_records_does_not_emit_for_its_cached_set_at_start(
+    cp: ControlPlane,
+) -> None:
+    # Given a good cache at revision 1
+    cp.delta(host_policy("block-x"))
+    # When a recording device starts from it and puts it in force
+    effects = FakeHost(make_core(cp, records=True)).start(cp.cache())
+    # Then no revision_applied goes out: the revision was applied before
+    assert of_type(effects, Apply) and of_type(effects, Emit) == []
+
+
+def test_agent_emits_nothing_unless_it_keeps_records(cp: ControlPlane, host: FakeHost) -> None:
+    # Given a device made without records (the simulator's)
+    # When a revision is applied, a bundle refused and a gap seen
+    host.deliver(cp.delta(host_policy("block-x")))
+    host.deliver(_unknown_key(cp))
+    cp.skip()
+    host.deliver(cp.delta(host_policy("block-y")))
+    # Then it emitted nothing
+    assert host.emitted == []

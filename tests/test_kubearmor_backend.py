@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kubearmor_double import QUEUE_SIZE, KubeArmorDouble
 
-from edgeward.actors.agent import Outbox
 from edgeward.actors.config import AgentConfig
 from edgeward.enforcement.digest import EMPTY_DIGEST, state_digest
 from edgeward.enforcement.kubearmor import kubearmor_pb2, policy_pb2, policy_pb2_grpc
@@ -454,38 +453,6 @@ def test_watch_says_when_the_daemon_goes_and_comes_back_and_subscribes_again(
     wait_until(lambda: daemon.subscribers("alerts") and daemon.subscribers("logs"))
     daemon.emit_alert(PolicyName="after-restart")
     wait_until(lambda: events.of(AlertSeen), message="no alert after the restart")
-
-
-# -- the agent's outbox ----------------------------------------------------------------
-
-
-def test_full_outbox_drops_the_oldest_log_first_then_the_oldest_alert_and_counts(
-    tmp_path: Path,
-) -> None:
-    # Given an outbox that holds three entries, holding log 1, alert 2, log 3
-    box = Outbox(tmp_path, max_entries=3)
-    for kind in ("log", "alert", "log"):
-        box.add(kind, {"n": box.seq + 1}, now=0.0)
-    # When two alerts more come
-    box.add("alert", {"n": 4}, now=0.0)
-    box.add("alert", {"n": 5}, now=0.0)
-    # Then both logs went first, and each drop is counted
-    assert box.dropped == {"log": 2} and len(box) == 3
-    # When one more alert comes, the oldest alert goes
-    box.add("alert", {"n": 6}, now=0.0)
-    assert box.dropped == {"log": 2, "alert": 1}
-    box.close()
-    # And reopened, it holds alerts 4, 5, 6 and numbers on from 6
-    again = Outbox(tmp_path, max_entries=3)
-    try:
-        assert list(again._db.keys()) == [
-            "000000000004:alert",
-            "000000000005:alert",
-            "000000000006:alert",
-        ]
-        assert again.seq == 6
-    finally:
-        again.close()
 
 
 # -- configuration -------------------------------------------------------------------

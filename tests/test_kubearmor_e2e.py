@@ -5,13 +5,11 @@ KubeArmor daemon double of its own (kubearmor_double.py)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import cbor2
+import pika
 import pytest
 from brokerkit import wait_until
 from fleetkit import Fleet
@@ -19,6 +17,8 @@ from kubearmor_double import KubeArmorDouble
 from test_delivery_e2e import policy, write_policy
 
 from edgeward.actors.bench import memory_kib
+from edgeward.transport import topology
+from edgeward.transport.wire import Record, decode
 
 PSS_BUDGET_MIB = 96  # DESIGN.md: the agent's whole process tree
 
@@ -52,18 +52,28 @@ def enroll_with_kubearmor(
     return daemon
 
 
-def outbox(fleet: Fleet, device: str) -> list[dict[str, Any]]:
-    """The entries in the agent's outbox table (committed ones)."""
-    cache_dir = Path(json.loads(fleet.configs[device].read_text())["cache_dir"])
-    path = cache_dir / "outbox.sqlite"
-    if not path.exists():
-        return []
+def telemetry(fleet: Fleet, device: str) -> list[Record]:
+    """The records ``device`` put on the telemetry stream so far (read from its start)."""
+    conn = pika.BlockingConnection(pika.URLParameters(fleet.broker_url))
+    records: list[Record] = []
     try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            rows = db.execute('SELECT value FROM "outbox" ORDER BY rowid').fetchall()
-    except sqlite3.OperationalError:  # not created yet, or being written
-        return []
-    return [cbor2.loads(value) for (value,) in rows]
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=1000)
+
+        def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
+            records.append(Record.from_message(decode(body)))
+            ch.basic_ack(method.delivery_tag)
+
+        channel.basic_consume(
+            topology.TELEMETRY_STREAM, on_message, arguments={"x-stream-offset": "first"}
+        )
+        conn.process_data_events(time_limit=0.5)
+    finally:
+        try:
+            conn.close()
+        except pika.exceptions.AMQPError:  # a stream closes on pika's reject of buffered deliveries
+            pass
+    return [r for r in records if r.device == device and r.type in ("alert", "log")]
 
 
 def applied(fleet: Fleet, tmp_path: Path, doc: dict[str, Any]) -> None:
@@ -208,19 +218,19 @@ def test_alerts_the_daemon_raises_reach_the_agents_outbox_with_the_revision_tag(
     daemon.emit_alert_for("no-netcat", Resource="/usr/bin/nc", ProcessName="/usr/bin/nc")
     daemon.emit_log(Operation="Process", Resource="/usr/bin/apt")
 
-    # Then both land in the agent's outbox, the alert naming revision 1
-    def both() -> list[dict[str, Any]] | None:
-        entries = outbox(fleet, "pos-0001")
-        return entries if len(entries) == 2 else None
+    # Then both go through the agent's outbox to the telemetry stream, the alert naming revision 1
+    def both() -> list[Record] | None:
+        records = telemetry(fleet, "pos-0001")
+        return records if len(records) == 2 else None
 
-    entries = wait_until(both, timeout=20, message="alert and log never reached the outbox")
+    records = wait_until(both, timeout=20, message="alert and log never reached the stream")
     # (two streams: which of the two comes first is up to the threads reading them)
-    by_kind = {entry["kind"]: entry for entry in entries}
-    alert, log = by_kind["alert"], by_kind["log"]
-    assert alert["data"]["PolicyName"] == "no-netcat"
-    assert alert["data"]["Tags"] == "edgeward-rev:1"
-    assert log["data"]["Resource"] == "/usr/bin/apt"
-    assert sorted(entry["seq"] for entry in entries) == [1, 2]
+    by_type = {record.type: record for record in records}
+    alert, log = by_type["alert"], by_type["log"]
+    assert alert.body["policy"] == "no-netcat" and alert.body["revision"] == 1
+    assert alert.body["kubearmor"]["Tags"] == "edgeward-rev:1"
+    assert log.body["Resource"] == "/usr/bin/apt"
+    assert len({record.seq for record in records}) == 2
     agent.wait_for_line("outbox: 1 alerts, 1 logs kept since start")
     assert daemon.dropped["alerts"] == 0
 
@@ -236,7 +246,7 @@ def test_the_agent_with_the_kubearmor_backend_stays_within_the_memory_budget(
     fleet.wait_states({"pos-0001": "in_sync"})
     wait_until(lambda: daemon.subscribers("alerts") and daemon.subscribers("logs"), timeout=20)
     daemon.emit_alert_for("p")
-    wait_until(lambda: outbox(fleet, "pos-0001"), timeout=20, message="no alert in the outbox")
+    wait_until(lambda: telemetry(fleet, "pos-0001"), timeout=20, message="no alert sent")
     # When its whole process tree's memory is measured (agent and any children)
     memory = memory_kib(agent.popen.pid)
     pss, rss = memory["Pss"] / 1024, memory["Rss"] / 1024
