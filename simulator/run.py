@@ -47,6 +47,7 @@ from .scenario import Scenario, Step, device_name, labels_for
 SETTLE = 5.0
 API_TIMEOUT = 60.0  # one management API request, seconds
 API_PATIENCE = 300.0  # how long a busy management API is waited for
+STORM_LIMIT = 300.0  # how long a reconnect storm is waited for, each phase
 PROBES = 3
 
 
@@ -93,6 +94,10 @@ def _machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "hostname_hash": uuid.uuid5(uuid.NAMESPACE_DNS, platform.node()).hex[:8],
     }
+
+
+def _r2(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def largest_bundle(scenario: Scenario) -> int:
@@ -354,6 +359,7 @@ class Runner:
                     share=max(1, self.share),
                     heartbeat_interval=s.heartbeat_interval,
                     ramp_rate=s.ramp_rate / n,
+                    reconnect_spread=s.reconnect_spread,
                     offline_fraction=s.offline_fraction,
                     mean_offline=s.mean_offline,
                     seed=w,
@@ -536,22 +542,31 @@ class Runner:
                     self.ask(Command("restore"))
                     run.actions.append(model.Action(t, "restore"))
                     restored = time.monotonic()
-                    self._wait(
-                        300,
-                        "reconnect storm",
-                        until=lambda p: p.get("connected", 0) >= p.get("online", 1),
-                    )
-                    all_connected = time.monotonic() - restored
-                    self._wait(
-                        300,
-                        "storm: syncing",
-                        until=lambda p: p.get("in_sync", 0) >= p.get("online", 1),
-                    )
+
+                    # Shards report once a second: until they have seen the
+                    # restore they still say 0 of 0 online, which is no storm.
+                    def back(p: dict) -> bool:
+                        return p.get("online", 0) > 0 and p.get("connected", 0) >= p["online"]
+
+                    def synced(p: dict) -> bool:
+                        return p.get("online", 0) > 0 and p.get("in_sync", 0) >= p["online"]
+
+                    p = self._wait(STORM_LIMIT, "reconnect storm", until=back)
+                    all_connected = time.monotonic() - restored if back(p) else None
+                    p = self._wait(STORM_LIMIT, "storm: syncing", until=synced)
+                    all_in_sync = time.monotonic() - restored if synced(p) else None
                     run.reconnect = {
-                        "all_connected_s": round(all_connected, 2),
-                        "all_in_sync_s": round(time.monotonic() - restored, 2),
+                        "all_connected_s": _r2(all_connected),
+                        "all_in_sync_s": _r2(all_in_sync),
                         "offline_s": round(restored - cut_at, 2) if cut_at else None,
+                        "limit_s": STORM_LIMIT,
                     }
+                    if all_connected is None or all_in_sync is None:
+                        run.notes.append(
+                            f"Reconnect storm: not all online devices were back "
+                            f"{'connected' if all_connected is None else 'in sync'} within "
+                            f"{STORM_LIMIT:g} s of the restore."
+                        )
                 elif step.action == "restart-node":
                     self._restart_node(step.node, run)
             remaining = ramp_done + self.scenario.duration - time.monotonic()

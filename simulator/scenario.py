@@ -15,6 +15,8 @@ store = { berlin = 5, paris = 3, rome = 2 }
 
 [ramp]
 rate = 200                  # new connections per second, whole fleet
+reconnect_spread = 30       # after "restore", devices spread their first attempt over
+                            # this many seconds (full jitter), as agents coming back do
 
 [churn]                     # devices going offline and back on their own
 offline_fraction = 0.1      # share of the fleet offline at any time
@@ -68,6 +70,7 @@ class Scenario:
     workers: int = 0
     labels: dict[str, dict[str, float]] = field(default_factory=dict)
     ramp_rate: float = 200.0
+    reconnect_spread: float = 30.0
     offline_fraction: float = 0.0
     mean_offline: float = 30.0
     timeline: tuple[Step, ...] = ()
@@ -185,6 +188,12 @@ def parse(text: str, source: str = "<scenario>") -> Scenario:
         workers=int(_positive(_get(data, "workers", int, w, 0), "workers", w, zero_ok=True)),
         labels=labels,
         ramp_rate=_positive(_get(ramp, "rate", float, f"{w}: ramp", 200.0), "rate", w),
+        reconnect_spread=_positive(
+            _get(ramp, "reconnect_spread", float, f"{w}: ramp", 30.0),
+            "reconnect_spread",
+            w,
+            zero_ok=True,
+        ),
         offline_fraction=offline_fraction,
         mean_offline=_positive(
             _get(churn, "mean_offline", float, f"{w}: churn", 30.0), "mean_offline", w

@@ -82,6 +82,9 @@ class ShardConfig:
     ramp_rate: float = 100.0  # connections per second for this shard
     offline_fraction: float = 0.0
     mean_offline: float = 30.0
+    # Devices that come back together (``restore``) spread their first
+    # attempt over this many seconds, like agents whose uplink returns.
+    reconnect_spread: float = 0.0
     seed: int = 0
 
 
@@ -195,7 +198,9 @@ class Shard:
                     heartbeat=60,
                     timeout=30,
                     on_event=self._on_link_event,
-                    backoff=Backoff(base=1.0, cap=30.0, rng=self.rng),
+                    backoff=Backoff(
+                        base=1.0, cap=30.0, rng=self.rng, spread=config.reconnect_spread
+                    ),
                     first_node=index,
                 )
             )
@@ -288,7 +293,7 @@ class Shard:
             if not link.wanted:
                 for shell in link.shells:
                     shell.online_since = now
-                link.start()
+                link.start(spread=True)
 
     def stop(self) -> None:
         self.cut()

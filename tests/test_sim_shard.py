@@ -102,7 +102,7 @@ def test_shard_devices_apply_a_revision_and_catch_up_after_a_cut(
         shard.restore()
         # Then they reconnect and catch up from their stored offsets
         run_until(loop, lambda: shard.snapshot()["in_sync"] == 20, 30, "caught up")
-        assert shard.unexpected_closes == 0
+        assert shard.unexpected_closes == 0, shard.errors
         final = shard.final()
         assert final["revisions"] == [second] * 20 and all(final["online"])
     finally:
