@@ -26,6 +26,7 @@ from edgeward.enforcement.evaluator import (
     OpenEvent,
     compile_policies,
 )
+from edgeward.enforcement.kubearmor.settings import KubeArmorSettings
 from edgeward.enforcement.policy import PolicyValidationError, load_policy_files
 from edgeward.transport.errors import BrokerUnreachable
 
@@ -188,18 +189,32 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise CliError("bad_input", f"--label {item!r}: expected key=value")
         labels[key] = value
+    backend: dict[str, Any] = {"kind": args.backend}
+    if args.kubearmor_address:
+        if args.backend != "kubearmor":
+            raise CliError("bad_input", "--kubearmor-address needs --backend kubearmor")
+        backend["address"] = args.kubearmor_address
+    if args.backend == "kubearmor":
+        try:
+            KubeArmorSettings.from_config(backend)
+        except ValueError as exc:
+            raise CliError("bad_input", f"--kubearmor-address: {exc}") from None
     client = Client(args.admin_port)
     keys = _reply_value(client.distributor(m.SigningIdentity()))
     _reply_value(client.mirror(m.Enroll(args.device, tuple(sorted(labels.items())))))
     cache_dir = args.cache_dir or str(Path(args.home).resolve() / "devices" / args.device)
-    config = AgentConfig(
-        device=args.device,
-        labels=labels,
-        broker_url=args.broker_url,
-        cache_dir=str(Path(cache_dir).resolve()),
-        trusted_keys=keys,
-        heartbeat_interval=args.heartbeat_interval,
-    )
+    try:
+        config = AgentConfig(
+            device=args.device,
+            labels=labels,
+            broker_url=args.broker_url,
+            cache_dir=str(Path(cache_dir).resolve()),
+            trusted_keys=keys,
+            heartbeat_interval=args.heartbeat_interval,
+            backend=backend,
+        )
+    except ValueError as exc:
+        raise CliError("bad_input", str(exc)) from None
     config.write(Path(args.out))
     print(f"enrolled {args.device} ({labels_text(labels)}); agent config written to {args.out}")
     return 0
@@ -683,6 +698,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="seconds between heartbeats (default %(default)s)",
+    )
+    enroll.add_argument(
+        "--backend",
+        choices=["builtin", "kubearmor"],
+        default="builtin",
+        help="what puts policies in force: the builtin evaluator (default) or a KubeArmor "
+        "daemon over its gRPC API (TLS and keepalive: edit the config's backend section, "
+        "docs/kubearmor-backend.md)",
+    )
+    enroll.add_argument(
+        "--kubearmor-address",
+        metavar="HOST:PORT",
+        help="the KubeArmor daemon (default 127.0.0.1:32767)",
     )
     enroll.set_defaults(func=cmd_enroll)
 

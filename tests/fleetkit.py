@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +106,16 @@ class Fleet:
             self.control = None
 
     def enroll(
-        self, device: str, *labels: str, heartbeat: float = 1.0, broker_url: str | None = None
+        self,
+        device: str,
+        *labels: str,
+        heartbeat: float = 1.0,
+        broker_url: str | None = None,
+        extra: Sequence[str] = (),
     ) -> Path:
         out = self.home / f"{device}.json"
         args = ["enroll", device, "--out", str(out), "--heartbeat-interval", str(heartbeat)]
+        args += extra
         for label in labels:
             args += ["--label", label]
         if broker_url is not None:

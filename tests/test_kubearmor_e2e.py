@@ -45,11 +45,23 @@ def enroll_with_kubearmor(
     """Enroll ``device`` and point its agent at a KubeArmor double of its own."""
     daemon = daemons[device] = KubeArmorDouble(fleet.home / "kubearmor" / device, node=device)
     daemon.start()
-    path = fleet.enroll(device, *labels)
-    config = json.loads(path.read_text())
-    config["backend"] = {"kind": "kubearmor", "address": daemon.address}
-    path.write_text(json.dumps(config))
+    path = fleet.enroll(
+        device, *labels, extra=["--backend", "kubearmor", "--kubearmor-address", daemon.address]
+    )
+    assert json.loads(path.read_text())["backend"] == {
+        "kind": "kubearmor",
+        "address": daemon.address,
+    }
     return daemon
+
+
+def test_enroll_refuses_a_kubearmor_address_for_the_builtin_backend(fleet: Fleet) -> None:
+    done = fleet.run_cli(
+        "enroll", "pos-0001", "--out", str(fleet.home / "x.json"), "--kubearmor-address", "h:1"
+    )
+    assert done.returncode == 2
+    assert "--kubearmor-address needs --backend kubearmor" in done.stderr
+    assert not (fleet.home / "x.json").exists()
 
 
 def telemetry(fleet: Fleet, device: str) -> list[Record]:
