@@ -37,6 +37,7 @@ from edgeward.actors.core import (
     LinkUp,
     Persist,
     Report,
+    RetryApply,
     SendHeartbeat,
     Started,
     Tick,
@@ -1459,6 +1460,33 @@ def test_agent_retries_a_failed_apply_on_tick_after_the_retry_interval(
     # Then revision 2's set is applied again
     (apply,) = of_type(effects, Apply)
     assert (apply.revision, names(apply.policies)) == (2, ["block-x", "block-y"])
+
+
+def test_agent_retries_a_failed_apply_at_once_when_the_host_sees_the_backend_return(
+    cp: ControlPlane, berlin_x: FakeHost
+) -> None:
+    # Given an apply of revision 2 that failed at t=100 (retry due at t=130)
+    berlin_x.now = 100.0
+    berlin_x.fail_next_applies(1)
+    berlin_x.deliver(cp.delta(host_policy("block-y", path="/usr/bin/y")))
+    # When the host says at t=105 that the backend (or the broker) is back
+    berlin_x.now = 105.0
+    effects = berlin_x.feed(RetryApply(105.0))
+    # Then revision 2's set is applied now, not at t=130, and reported ok
+    (apply,) = of_type(effects, Apply)
+    assert (apply.revision, names(apply.policies)) == (2, ["block-x", "block-y"])
+    assert of_type(effects, SendHeartbeat)[-1].heartbeat.status == "ok"
+    # And no retry is left for t=130
+    assert of_type(berlin_x.tick(130.0), Apply) == []
+
+
+def test_agent_ignores_a_retry_hint_when_no_apply_failed(
+    cp: ControlPlane, berlin_x: FakeHost
+) -> None:
+    # Given block-x in force and nothing pending
+    # When the host says the backend is back
+    # Then nothing happens
+    assert berlin_x.feed(RetryApply(50.0)) == []
 
 
 def test_agent_reports_ok_after_a_successful_retry(cp: ControlPlane, berlin_x: FakeHost) -> None:
