@@ -36,6 +36,7 @@ from .config import (
     admin_port_from_env,
     broker_url_from_env,
     home_from_env,
+    metrics_port_from_env,
 )
 from .fleet import STATES
 
@@ -134,6 +135,7 @@ def _settings(args: argparse.Namespace) -> m.Settings:
         retention_max_age=args.retention_max_age,
         retention_max_bytes=args.retention_max_bytes,
         retention_segment_bytes=args.retention_segment_bytes,
+        metrics_port=getattr(args, "metrics_port", 0) or 0,  # only control-plane run has it
     )
 
 
@@ -659,6 +661,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run = cp.add_parser(
         "run", parents=[common, retention], help="run the control plane's actors in the foreground"
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=metrics_port_from_env(),
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port, all interfaces (env "
+        "EDGEWARD_METRICS_PORT; default off; actors/metrics.py lists the series)",
     )
     run.add_argument(
         "--snapshot-every",

@@ -30,6 +30,12 @@ def admin_port_from_env() -> int:
     return int(value) if value else DEFAULT_ADMIN_PORT
 
 
+def metrics_port_from_env() -> int:
+    """EDGEWARD_METRICS_PORT: the control plane's Prometheus port (0 or unset: off)."""
+    value = os.environ.get("EDGEWARD_METRICS_PORT")
+    return int(value) if value else 0
+
+
 @dataclass
 class AgentConfig:
     """What ``edgeward enroll`` writes and ``edgeward agent run`` reads."""

@@ -49,6 +49,7 @@ class Settings:
     telemetry_segment_bytes: int = 16 * 1024**2
     collector_batch: int = 250  # commit after this many deliveries ...
     collector_batch_ms: float = 200.0  # ... or this long after a batch's first
+    metrics_port: int = 0  # Prometheus /metrics (actors/metrics.py); 0: off
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Configure:
     link: Any = None  # ActorAddress of the BrokerLink
     distributor: Any = None
     mirror: Any = None
+    collector: Any = None
 
 
 @dataclass(frozen=True)

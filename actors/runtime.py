@@ -14,7 +14,7 @@ os.environ.setdefault("THESPIAN_BASE_IPADDR", "127.0.0.1")
 
 from thespian.actors import ActorSystem  # noqa: E402
 
-from . import collector, control  # noqa: E402
+from . import collector, control, metrics  # noqa: E402
 from . import messages as m  # noqa: E402
 
 BASE = "multiprocTCPBase"
@@ -81,9 +81,18 @@ class ControlPlane:
         mirror = self.asys.createActor(control.DeviceMirror, globalName=control.MIRROR)
         dist = self.asys.createActor(control.PolicyDistributor, globalName=control.DISTRIBUTOR)
         coll = self.asys.createActor(collector.TelemetryCollector, globalName=collector.COLLECTOR)
-        self.addresses = {"link": link, "mirror": mirror, "distributor": dist, "collector": coll}
-        configure = m.Configure(self.settings, link=link, distributor=dist, mirror=mirror)
-        for name in ("mirror", "distributor", "link", "collector"):
+        exporter = self.asys.createActor(metrics.MetricsExporter, globalName=metrics.METRICS)
+        self.addresses = {
+            "link": link,
+            "mirror": mirror,
+            "distributor": dist,
+            "collector": coll,
+            "metrics": exporter,
+        }
+        configure = m.Configure(
+            self.settings, link=link, distributor=dist, mirror=mirror, collector=coll
+        )
+        for name in ("mirror", "distributor", "link", "collector", "metrics"):
             reply = self.asys.ask(self.addresses[name], configure, ASK_TIMEOUT)
             if not isinstance(reply, m.Reply) or not reply.ok:
                 raise RuntimeError(f"{name} did not start: {reply!r}")

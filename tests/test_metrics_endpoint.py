@@ -1,0 +1,88 @@
+"""The control plane's Prometheus /metrics: fleet-wide series from the
+DeviceMirror and the TelemetryCollector, scraped over real HTTP from a control
+plane on the real broker; never a label per device."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from brokerkit import free_port, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+from test_collector import Device, alert
+
+from edgeward.actors import messages as m
+from edgeward.actors.runtime import ControlPlane
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest.fixture
+def plane(tmp_path: Path, broker_url: str) -> Iterator[tuple[ControlPlane, int]]:
+    port = free_port()
+    plane = ControlPlane(
+        m.Settings(home=str(tmp_path / "home"), broker_url=broker_url, metrics_port=port),
+        free_port(),
+    )
+    plane.start()
+    try:
+        yield plane, port
+    finally:
+        plane.stop()
+
+
+def test_metrics_count_devices_by_state_and_telemetry_without_a_label_per_device(
+    plane: tuple[ControlPlane, int], broker_url: str
+) -> None:
+    cp, port = plane
+    # Given two enrolled devices that never reported, and one alert published
+    for device in ("pos-0001", "pos-0002"):
+        reply = cp.asys.ask(cp.addresses["mirror"], m.Enroll(device, (("store", "x"),)), 10)
+        assert isinstance(reply, m.Reply) and reply.ok
+    device = Device(broker_url)
+    try:
+        device.publish([alert("pos-0001", 1)])
+    finally:
+        device.close()
+    # When Prometheus scrapes (the exporter refreshes every few seconds)
+    metrics = wait_until(
+        lambda: (
+            (s := scrape(port)).get(("edgeward_devices", (("state", "unknown"),))) == 2
+            and s.get(("edgeward_telemetry_stored_total", ())) == 1
+            and s
+        ),
+        timeout=30,
+        message="the exporter never showed 2 unknown devices and 1 stored record",
+    )
+    # Then every state has a series, 0 where no device is in it
+    for state in ("in_sync", "pending", "drifted", "offline", "failed"):
+        assert metrics[("edgeward_devices", (("state", state),))] == 0
+    assert metrics[("edgeward_devices_by_revision", (("revision", "0"),))] == 2
+    assert metrics[("edgeward_fleet_revision", ())] == 0
+    assert metrics[("edgeward_telemetry_duplicates_total", ())] == 0
+    assert 0 <= metrics[("edgeward_metrics_age_seconds", ())] < 30
+    # And no series names a device
+    assert not any("device" in dict(labels) or "pos-0001" in str(labels) for _, labels in metrics)
+
+
+def test_anything_but_get_metrics_is_refused_with_its_status(
+    plane: tuple[ControlPlane, int],
+) -> None:
+    _, port = plane
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+    assert missing.value.code == 404
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", data=b"x")
+    with pytest.raises(urllib.error.HTTPError) as posted:
+        urllib.request.urlopen(request, timeout=5)
+    assert posted.value.code == 405
