@@ -64,7 +64,7 @@ from thespian.actors import (
 )
 
 from edgeward.transport import topology
-from edgeward.transport.connection import Backoff, connect_blocking, split_urls
+from edgeward.transport.connection import Backoff, connect_blocking, socket_fds, split_urls
 from edgeward.transport.errors import BrokerUnreachable, RemoteProtocolError
 from edgeward.transport.wire import Record, decode
 
@@ -221,12 +221,7 @@ class TelemetryReader(ActorTypeDispatcher):
     # -- the connection ----------------------------------------------------------
 
     def _watch(self) -> ThespianWatch:
-        if self.conn is None:
-            return ThespianWatch([])
-        try:
-            return ThespianWatch([self.conn._impl._transport._sock.fileno()])
-        except AttributeError:  # pika internals moved: fall back to wakeups
-            return ThespianWatch([])
+        return ThespianWatch(socket_fds(self.conn))
 
     def _ensure_connected(self) -> None:
         if self.conn is not None or time.monotonic() < self.retry_at:

@@ -35,7 +35,13 @@ from thespian.actors import (
 
 from edgeward.enforcement.policy import PolicyValidationError, parse_policies
 from edgeward.transport import topology
-from edgeward.transport.connection import Backoff, connect_blocking, redact, split_urls
+from edgeward.transport.connection import (
+    Backoff,
+    connect_blocking,
+    redact,
+    socket_fds,
+    split_urls,
+)
 from edgeward.transport.errors import BrokerUnreachable, RemoteProtocolError
 from edgeward.transport.signing import Signer
 from edgeward.transport.wire import Bundle, Heartbeat, decode
@@ -168,12 +174,7 @@ class BrokerLink(_Configured):
     # -- connection ----------------------------------------------------------
 
     def _watch(self) -> ThespianWatch:
-        if self.conn is None:
-            return ThespianWatch([])
-        try:
-            return ThespianWatch([self.conn._impl._transport._sock.fileno()])
-        except AttributeError:  # pika internals moved: fall back to wakeups
-            return ThespianWatch([])
+        return ThespianWatch(socket_fds(self.conn))
 
     def _ensure_connected(self, now: bool = False) -> None:
         if self.conn is not None or (not now and time.monotonic() < self.retry_at):

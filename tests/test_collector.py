@@ -211,8 +211,12 @@ def test_collector_killed_in_the_middle_of_a_batch_stores_every_record_exactly_o
         home, broker_url, collector_batch=1000, collector_batch_ms=600_000
     )
     try:
-        # When 1,500 records arrive: one batch is committed, 500 are pending
-        device.publish(alert(f"pos-{i % 7:04d}", i // 7 + 1) for i in range(1500))
+        # When 1,000 records arrive they are committed as one batch; and of
+        # 500 more, none is (a batch that received everything in one pump
+        # commits it all, so the two are sent apart)
+        device.publish(alert(f"pos-{i % 7:04d}", i // 7 + 1) for i in range(1000))
+        wait_stored(plane, 1000, timeout=60)
+        device.publish(alert(f"pos-{i % 7:04d}", i // 7 + 1) for i in range(1000, 1500))
         state = wait_until(
             lambda: (r := plane.collector_status()["reader"]) and r["pending"] == 500 and r,
             timeout=60,

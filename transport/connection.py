@@ -13,6 +13,7 @@ import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pika
@@ -100,6 +101,18 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def socket_fds(conn: Any) -> list[int]:
+    """The file descriptor of a pika BlockingConnection's socket, for an actor
+    to hand Thespian (``ThespianWatch``); none without a connection, or if
+    pika's internals moved (the actor then relies on its wakeups alone)."""
+    if conn is None:
+        return []
+    try:
+        return [conn._impl._transport._sock.fileno()]
+    except AttributeError:
+        return []
 
 
 def connect_blocking(
