@@ -37,13 +37,13 @@ from typing import Any
 from pika.adapters.select_connection import IOLoop, SelectConnection
 
 from edgeward.enforcement.backend import Backend, BackendError, BuiltinBackend
-from edgeward.transport.connection import Backoff, quiet_pika, split_urls
+from edgeward.transport.connection import Backoff, cancel_timer, quiet_pika, split_urls
 from edgeward.transport.signing import Verifier
 
 from . import core as c
 from .cache import AgentCache
 from .config import AgentConfig
-from .outbox import Outbox, Sender, cancel_timer
+from .outbox import Outbox, Sender
 from .shell import AgentShell, Link
 
 TICK_SECONDS = 1.0
@@ -299,7 +299,7 @@ class LocalEnforcer(AgentShell):
     def put_in_force(self, policies: Sequence[Any], digest: str, revision: int) -> str:
         # Both backends remember the revision (kubearmor tags each policy with
         # it; builtin names it in alerts).
-        return self.backend.apply(policies, digest, revision=revision)  # type: ignore[call-arg]
+        return self.backend.apply(policies, digest, revision=revision)
 
     def run(self) -> int:
         self.start()

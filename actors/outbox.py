@@ -43,6 +43,7 @@ from typing import Any
 import pika
 
 from edgeward.transport import topology
+from edgeward.transport.connection import cancel_timer
 from edgeward.transport.wire import CONTENT_TYPE, RECORD_TYPES, Record
 
 DEFAULT_MAX_RECORDS = 10_000
@@ -274,14 +275,6 @@ class Outbox:
 
     def close(self) -> None:
         self._db.close()
-
-
-def cancel_timer(loop: Any, handle: Any) -> None:
-    """Cancel a ``call_later`` handle of asyncio's loop or of pika's IOLoop."""
-    if hasattr(handle, "cancel"):
-        handle.cancel()
-    else:
-        loop.remove_timeout(handle)
 
 
 class Sender:

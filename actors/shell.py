@@ -28,10 +28,9 @@ import pika.exceptions
 
 from edgeward.enforcement.backend import Backend, BackendError
 from edgeward.transport import topology
-from edgeward.transport.connection import Backoff, parameters, redact, rotation
+from edgeward.transport.connection import Backoff, cancel_timer, parameters, redact, rotation
 
 from . import core as c
-from .outbox import cancel_timer
 
 
 class Cache(Protocol):

@@ -30,11 +30,19 @@ class BackendError(Exception):
 class Backend(Protocol):
     name: str
 
-    def apply(self, policies: Sequence[Mapping[str, Any]], digest: str = "") -> str:
+    def apply(
+        self,
+        policies: Sequence[Mapping[str, Any]],
+        digest: str = "",
+        *,
+        revision: int | None = None,
+    ) -> str:
         """Put exactly ``policies`` in force; return the digest now in force.
 
         ``digest``, when given, is the caller's digest of exactly these
-        documents (from the signed per-policy digests of the bundle)."""
+        documents (from the signed per-policy digests of the bundle).
+        ``revision``, when given, is the edgeward revision they come with (a
+        backend may tag or remember it; the simulator leaves it out)."""
         ...
 
     @property
@@ -66,7 +74,11 @@ class BuiltinBackend:
         self._compiled: CompiledPolicies | None = None
 
     def apply(
-        self, policies: Sequence[Mapping[str, Any]], digest: str = "", revision: int | None = None
+        self,
+        policies: Sequence[Mapping[str, Any]],
+        digest: str = "",
+        *,
+        revision: int | None = None,
     ) -> str:
         if revision is not None:
             before = {str(p["metadata"]["name"]): p for p in self._policies}

@@ -103,6 +103,14 @@ class Backoff:
         self.attempt = 0
 
 
+def cancel_timer(loop: Any, handle: Any) -> None:
+    """Cancel a ``call_later`` handle of asyncio's loop or of pika's IOLoop."""
+    if hasattr(handle, "cancel"):
+        handle.cancel()
+    else:
+        loop.remove_timeout(handle)
+
+
 def socket_fds(conn: Any) -> list[int]:
     """The file descriptor of a pika BlockingConnection's socket, for an actor
     to hand Thespian (``ThespianWatch``); none without a connection, or if
