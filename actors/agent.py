@@ -259,6 +259,7 @@ class LocalEnforcer(AgentShell):
             clock=time.monotonic,
             say=self.say,
         )
+        self.confirm_latency = self.sender.latency  # its counts go out in heartbeats
         if events_from is not None and self.backend.name != "builtin":
             raise ValueError("--events-from needs the builtin backend (kubearmor sees real events)")
         self.events_from = events_from

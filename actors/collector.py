@@ -437,13 +437,13 @@ class ReplayResult:
     last_offset: int | None
 
 
-def _tail(urls: list[str], quiet: float = 0.5, timeout: float = 10.0) -> int | None:
+def stream_tail(urls: list[str], quiet: float = 0.5, timeout: float = 10.0) -> int | None:
     """The last offset in the stream now (None when it is empty).
 
     A consumer at ``last`` receives the last chunk; the largest offset in it
     is the tail.  Its own connection: closing it with deliveries buffered
     draws a 540, which is harmless there."""
-    conn = connect_blocking(urls, name="edgeward-audit-replay-tail")
+    conn = connect_blocking(urls, name="edgeward-stream-tail", timeout=timeout)
     tail: list[int] = []
 
     def on_message(channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -489,7 +489,7 @@ def replay(
     if into.exists():
         raise FileExistsError(f"{into} exists; replay writes a fresh store")
     urls = split_urls(broker_url)
-    tail = _tail(urls)
+    tail = stream_tail(urls)
     store = AuditStore(into)
     pending = Batch()
     totals = {"read": 0, "stored": 0, "duplicates": 0}

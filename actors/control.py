@@ -44,7 +44,7 @@ from edgeward.transport.connection import (
 )
 from edgeward.transport.errors import BrokerUnreachable, RemoteProtocolError
 from edgeward.transport.signing import Signer
-from edgeward.transport.wire import Bundle, Heartbeat, decode
+from edgeward.transport.wire import CONFIRM_BUCKETS, Bundle, Heartbeat, decode
 
 from . import messages as m
 from .collector import retentions
@@ -509,6 +509,21 @@ class DeviceMirror(_Configured):
         self.dirty: set[str] = set()
         self.unknown_devices = 0
         self.malformed = 0
+        # The fleet's telemetry publish-confirm latency, summed from the
+        # heartbeats' counts since this mirror started (a Prometheus histogram).
+        self.confirm_counts = [0] * (len(CONFIRM_BUCKETS) + 1)
+        self.confirm_seconds = 0.0
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "configured": self.settings is not None,
+            "devices": len(self.labels),
+            "unknown_devices": self.unknown_devices,
+            "malformed": self.malformed,
+            "confirm_buckets": list(CONFIRM_BUCKETS),
+            "confirm_counts": list(self.confirm_counts),
+            "confirm_seconds": self.confirm_seconds,
+        }
 
     def receiveMsg_Configure(self, msg: m.Configure, sender: Any) -> None:
         self.settings = msg.settings
@@ -553,6 +568,12 @@ class DeviceMirror(_Configured):
             if device not in self.labels:
                 self.unknown_devices += 1
                 continue
+            # Latency counts are since the device's previous heartbeat: add
+            # them to the fleet's, and keep them out of the device's state.
+            confirms = hb.pop("confirms", ())
+            self.confirm_seconds += hb.pop("confirm_seconds", 0.0)
+            for i, n in enumerate(confirms):
+                self.confirm_counts[i] += n
             self.reported[device] = hb
             self.last_seen[device] = now
             self.dirty.add(device)

@@ -21,8 +21,17 @@ Prometheus; per-device detail is ``edgeward devices``):
 ``edgeward_telemetry_duplicates_total``     repeats it recognised and skipped
 ``edgeward_telemetry_rejected_total{reason}``  messages it refused, by reason
 ``edgeward_collector_restarts_total``       times its stream reader was restarted
+``edgeward_collector_lag``                  stream tail offset - stored offset
+``edgeward_telemetry_confirm_seconds``      devices' publish-to-confirm latency
+                                            (histogram, from their heartbeats)
 ``edgeward_metrics_age_seconds``            how old the answers above are
 ==========================================  ======================================
+
+The collector lag is measured every ``TAIL_EVERY`` seconds, right after a
+fresh stored offset arrives, by a short-lived consumer at the stream's
+``last`` chunk (RabbitMQ 3.10 publishes no stream tail offset); it is absent
+while the broker cannot be asked. Offsets are not dense (a stream spends one
+at each segment start), so it bounds the records not yet stored from above.
 """
 
 from __future__ import annotations
@@ -34,16 +43,21 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from thespian.actors import ActorTypeDispatcher, ThespianWatch, WakeupMessage, WatchMessage
 
+from edgeward.transport.connection import split_urls
+
 from . import messages as m
+from .collector import stream_tail
 from .fleet import STATES
 
 METRICS = "edgeward-metrics"  # the exporter's global name
 REFRESH = 5.0  # seconds between asking the mirror and the collector
 REQUEST_TIMEOUT = 1.0  # seconds a scrape may take to send its request
 MAX_REQUEST = 8192
+TAIL_EVERY = 15.0  # seconds between measurements of the collector's lag
+TAIL_TIMEOUT = 2.0  # at most this long blocked asking the broker
 
 
 class MetricsExporter(ActorTypeDispatcher):
@@ -54,6 +68,10 @@ class MetricsExporter(ActorTypeDispatcher):
         self.collector: Any = None
         self.rows: list[dict[str, Any]] = []
         self.counters: dict[str, Any] = {}
+        self.mirror_status: dict[str, Any] = {}
+        self.urls: list[str] = []
+        self.lag: int | None = None
+        self.tail_at = 0.0
         self.updated = 0.0
         self.scrapes = 0
 
@@ -61,6 +79,7 @@ class MetricsExporter(ActorTypeDispatcher):
 
     def receiveMsg_Configure(self, msg: m.Configure, sender: Any) -> ThespianWatch:
         self.mirror, self.collector = msg.mirror, msg.collector
+        self.urls = split_urls(msg.settings.broker_url)
         port = msg.settings.metrics_port
         if port and self.listener is None:
             try:
@@ -92,6 +111,7 @@ class MetricsExporter(ActorTypeDispatcher):
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> ThespianWatch:
         if self.mirror is not None:
             self.send(self.mirror, m.ListDevices())
+            self.send(self.mirror, m.Status())
         if self.collector is not None:
             self.send(self.collector, m.Status())
         self.wakeupAfter(REFRESH)
@@ -101,9 +121,28 @@ class MetricsExporter(ActorTypeDispatcher):
         if msg.ok and sender == self.mirror and isinstance(msg.value, list):
             self.rows = msg.value
             self.updated = time.time()
+        elif msg.ok and sender == self.mirror and isinstance(msg.value, dict):
+            self.mirror_status = msg.value
         elif msg.ok and sender == self.collector and isinstance(msg.value, dict):
             self.counters = msg.value
+            if time.monotonic() - self.tail_at >= TAIL_EVERY:
+                self._measure_lag(msg.value.get("offset"))
         return self._watch()
+
+    def _measure_lag(self, stored: int | None) -> None:
+        """Stream tail minus the stored offset just received (blocks up to ~2 s)."""
+        self.tail_at = time.monotonic()
+        if not self.urls:
+            return
+        try:
+            tail = stream_tail(self.urls, quiet=0.2, timeout=TAIL_TIMEOUT)
+        except Exception:  # the broker is away: no figure rather than a wrong one
+            self.lag = None
+            return
+        if tail is None:
+            self.lag = 0
+        else:
+            self.lag = max(0, tail - (-1 if stored is None else stored))
 
     # -- serving -------------------------------------------------------------------
 
@@ -142,7 +181,9 @@ class MetricsExporter(ActorTypeDispatcher):
 
     def exposition(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Snapshot(self.rows, self.counters, self.updated))
+        registry.register(
+            _Snapshot(self.rows, self.counters, self.updated, self.mirror_status, self.lag)
+        )
         return generate_latest(registry)
 
 
@@ -161,8 +202,16 @@ def _response(status: int, body: bytes, content_type: bytes) -> bytes:
 class _Snapshot:
     """The exporter's latest answers as Prometheus metric families."""
 
-    def __init__(self, rows: list[dict[str, Any]], counters: dict[str, Any], updated: float):
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        counters: dict[str, Any],
+        updated: float,
+        mirror: dict[str, Any] | None = None,
+        lag: int | None = None,
+    ):
         self.rows, self.counters, self.updated = rows, counters, updated
+        self.mirror, self.lag = mirror or {}, lag
 
     def collect(self) -> Iterator[Any]:
         by_state = Counter(str(r.get("state", "unknown")) for r in self.rows)
@@ -224,6 +273,26 @@ class _Snapshot:
             "Times the collector's stream reader was restarted",
             int(c.get("restarts", 0)),
         )
+        if self.lag is not None:
+            yield GaugeMetricFamily(
+                "edgeward_collector_lag",
+                "Stream offsets between the telemetry stream's tail and the collector's stored"
+                " offset (an upper bound on records not yet stored)",
+                self.lag,
+            )
+        bounds = self.mirror.get("confirm_buckets") or []
+        counts = self.mirror.get("confirm_counts") or []
+        if bounds and len(counts) == len(bounds) + 1:
+            cumulative, buckets = 0, []
+            for bound, n in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+                cumulative += int(n)
+                buckets.append((bound, cumulative))
+            yield HistogramMetricFamily(
+                "edgeward_telemetry_confirm_seconds",
+                "Devices' telemetry publish-to-confirm latency, from their heartbeats",
+                buckets=buckets,
+                sum_value=float(self.mirror.get("confirm_seconds", 0.0)),
+            )
         yield GaugeMetricFamily(
             "edgeward_metrics_age_seconds",
             "Age of the device rows these metrics come from (-1: none yet)",

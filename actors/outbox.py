@@ -29,6 +29,8 @@ not arrive at once.  A record leaves the
 outbox only when the broker confirmed it; a nack, a return (unroutable: the
 stream is not bound) or a lost channel leaves it there to be sent again, so
 the collector may see a record twice and deduplicates by (device, seq).
+It times each publish to its confirm (:class:`ConfirmLatency`); the agent
+hands the counts to the control plane in its next heartbeat.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import pika
 
 from edgeward.transport import topology
 from edgeward.transport.connection import cancel_timer
-from edgeward.transport.wire import CONTENT_TYPE, RECORD_TYPES, Record
+from edgeward.transport.wire import CONFIRM_BUCKETS, CONTENT_TYPE, RECORD_TYPES, Record
 
 DEFAULT_MAX_RECORDS = 10_000
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
@@ -277,6 +279,31 @@ class Outbox:
         self._db.close()
 
 
+class ConfirmLatency:
+    """Publish-to-confirm times, counted in :data:`CONFIRM_BUCKETS` until taken."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(CONFIRM_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        i = 0
+        while i < len(CONFIRM_BUCKETS) and seconds > CONFIRM_BUCKETS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += seconds
+
+    def take(self) -> tuple[tuple[int, ...], float]:
+        """The counts and their sum since the last take (nothing: ``((), 0.0)``)."""
+        if not any(self.counts):
+            return (), 0.0
+        taken = tuple(self.counts), self.total
+        self.counts = [0] * len(self.counts)
+        self.total = 0.0
+        return taken
+
+
 class Sender:
     """Drains an :class:`Outbox` over one confirm-mode channel at a time."""
 
@@ -309,6 +336,8 @@ class Sender:
         self.sent = 0  # publishes, repeats included
         self.confirmed = 0
         self._tags: OrderedDict[int, int] = OrderedDict()  # delivery tag -> seq
+        self._sent_at: dict[int, float] = {}  # delivery tag -> clock() at publish
+        self.latency = ConfirmLatency()
         self._next_tag = 0
         self._cursor = 0  # highest seq published on this channel
         self._returned: set[int] = set()
@@ -351,6 +380,7 @@ class Sender:
             cancel_timer(self.loop, self._timer)
             self._timer = None
         self._tags.clear()
+        self._sent_at.clear()
         self._next_tag = 0
         self._cursor = 0
         self._returned.clear()
@@ -399,6 +429,7 @@ class Sender:
             )
             self._next_tag += 1
             self._tags[self._next_tag] = seq
+            self._sent_at[self._next_tag] = self.clock()
             self.outbox.in_flight.add(seq)
             self._cursor = seq
             self.sent += 1
@@ -427,6 +458,8 @@ class Sender:
         else:
             tags = [tag] if tag in self._tags else []
         seqs = [self._tags.pop(t) for t in tags]
+        now = self.clock()
+        sent_at = [self._sent_at.pop(t, now) for t in tags]
         for seq in seqs:
             self.outbox.in_flight.discard(seq)
         if isinstance(method, pika.spec.Basic.Ack):
@@ -434,6 +467,8 @@ class Sender:
             again = [s for s in seqs if s in self._returned]
             self.outbox.delete(done)
             self.confirmed += len(done)
+            for when in sent_at:
+                self.latency.observe(now - when)
         else:
             again = seqs
         self._returned.difference_update(seqs)

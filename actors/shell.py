@@ -98,6 +98,7 @@ class AgentShell:
         # the core's Emit effects go into it, and heartbeats report its depth
         # and drops.  The simulator keeps none.
         self.outbox: Any = None
+        self.confirm_latency: Any = None  # the Sender's ConfirmLatency, where one sends
 
     # -- the shell's three jobs: input -> event -> effects --------------------
 
@@ -130,6 +131,9 @@ class AgentShell:
                         hb = dataclasses.replace(
                             hb, outbox=len(self.outbox), dropped=dict(self.outbox.dropped)
                         )
+                    if self.confirm_latency is not None:
+                        confirms, seconds = self.confirm_latency.take()
+                        hb = dataclasses.replace(hb, confirms=confirms, confirm_seconds=seconds)
                     self.channel.basic_publish(
                         topology.TELEMETRY_EXCHANGE,
                         topology.heartbeat_routing_key(self.device),

@@ -294,7 +294,8 @@ def test_an_alert_a_real_agent_raises_reaches_edgeward_alerts_once(
     try:
         # Given a control plane, an agent judging events from a file, and a
         # policy that blocks curl on its store
-        fleet.start_control_plane()
+        metrics_port = free_port()
+        fleet.start_control_plane("--metrics-port", str(metrics_port))
         config = fleet.enroll("pos-0001", "store=berlin")
         doc = {
             "apiVersion": "security.kubearmor.com/v1",
@@ -354,6 +355,17 @@ def test_an_alert_a_real_agent_raises_reaches_edgeward_alerts_once(
         )
         assert [r["source"] for r in rows] == ["/bin/sh", "/bin/bash"]
         assert len({(r["device"], r["seq"]) for r in rows}) == 2
+        # And the agent timed its publishes' confirms into the fleet's histogram
+        # (at least the last alert's: the killed agent's counts since its
+        # last heartbeat died with it)
+        from test_metrics_endpoint import scrape
+
+        count = ("edgeward_telemetry_confirm_seconds_count", ())
+        wait_until(
+            lambda: scrape(metrics_port).get(count, 0) >= 1,
+            timeout=30,
+            message="no confirm latency reached /metrics",
+        )
     finally:
         fleet.close()
 

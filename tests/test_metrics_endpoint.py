@@ -86,3 +86,80 @@ def test_anything_but_get_metrics_is_refused_with_its_status(
     with pytest.raises(urllib.error.HTTPError) as posted:
         urllib.request.urlopen(request, timeout=5)
     assert posted.value.code == 405
+
+
+def test_collector_lag_is_the_stream_tail_less_the_stored_offset(
+    tmp_path: Path, broker_url: str
+) -> None:
+    # Given a control plane whose collector commits only every 1,000 records
+    port = free_port()
+    settings = m.Settings(
+        home=str(tmp_path / "home"),
+        broker_url=broker_url,
+        metrics_port=port,
+        collector_batch=1000,
+        collector_batch_ms=600_000,
+    )
+    cp = ControlPlane(settings, free_port())
+    cp.start()
+    device = Device(broker_url)
+    try:
+        # When 10 records arrive, which it holds uncommitted
+        device.publish([alert("pos-0001", seq) for seq in range(1, 11)])
+        wait_until(
+            lambda: (r := cp.collector_status().get("reader")) and r["pending"] == 10,
+            timeout=30,
+            message="the collector never held the 10 records",
+        )
+        # Then the lag it reports is those 10 offsets (measured every 15 s)
+        metrics = wait_until(
+            lambda: (s := scrape(port)).get(("edgeward_collector_lag", ())) == 10 and s,
+            timeout=45,
+            message="the exporter never showed a lag of 10",
+        )
+        assert metrics[("edgeward_telemetry_stored_total", ())] == 0
+    finally:
+        device.close()
+        cp.stop()
+
+
+def test_devices_confirm_latency_counts_from_heartbeats_add_up_in_one_histogram(
+    plane: tuple[ControlPlane, int], broker_url: str
+) -> None:
+    from edgeward.transport import topology
+    from edgeward.transport.wire import CONFIRM_BUCKETS, Heartbeat
+
+    cp, port = plane
+    # Given two enrolled devices
+    for name in ("pos-0001", "pos-0002"):
+        reply = cp.asys.ask(cp.addresses["mirror"], m.Enroll(name, (("store", "x"),)), 10)
+        assert isinstance(reply, m.Reply) and reply.ok
+    # When each reports, in two heartbeats, the confirms it timed since the last
+    slots = len(CONFIRM_BUCKETS) + 1
+    fast = tuple(3 if i == 1 else 0 for i in range(slots))  # 3 within 10 ms
+    slow = tuple(1 if i == slots - 1 else 0 for i in range(slots))  # 1 beyond 30 s
+    device = Device(broker_url)
+    try:
+        for name, confirms, seconds in (
+            ("pos-0001", fast, 0.024),
+            ("pos-0002", fast, 0.021),
+            ("pos-0002", slow, 45.0),
+        ):
+            hb = Heartbeat(name, 0.0, 0, 0, "", "ok", confirms=confirms, confirm_seconds=seconds)
+            device.publish_raw(topology.heartbeat_routing_key(name), hb.encode())
+    finally:
+        device.close()
+    # Then /metrics has one fleet-wide histogram holding all seven
+    metrics = wait_until(
+        lambda: (
+            (s := scrape(port)).get(("edgeward_telemetry_confirm_seconds_count", ())) == 7 and s
+        ),
+        timeout=30,
+        message="the histogram never counted 7 confirms",
+    )
+    bucket = "edgeward_telemetry_confirm_seconds_bucket"
+    assert metrics[(bucket, (("le", "0.005"),))] == 0
+    assert metrics[(bucket, (("le", "0.01"),))] == 6
+    assert metrics[(bucket, (("le", "30.0"),))] == 6
+    assert metrics[(bucket, (("le", "+Inf"),))] == 7
+    assert metrics[("edgeward_telemetry_confirm_seconds_sum", ())] == pytest.approx(45.045)

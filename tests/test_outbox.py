@@ -467,3 +467,28 @@ def test_records_in_flight_when_the_channel_is_lost_go_out_on_the_next(path: Pat
     sender.attach(second)
     loop.run_until(0.2)
     assert second.seqs() == [2, 3] and len(box) == 2
+
+
+def test_sender_times_each_confirm_and_hands_the_counts_over_once(path: Path) -> None:
+    from edgeward.transport.wire import CONFIRM_BUCKETS
+
+    # Given three records sent at once
+    box = Outbox(path, DEVICE)
+    for n in range(3):
+        box.accept("alert", alert(n), 0.0)
+    sender, loop, channel = sender_for(box)
+    sender.attach(channel)
+    loop.run_until(0.0)
+    assert channel.seqs() == [1, 2, 3]
+    # When the broker confirms two after 8 ms, and nacks the third after 2 s
+    loop.run_until(0.008)
+    channel.ack(2, multiple=True)
+    loop.run_until(2.0)
+    channel.nack(3)
+    # Then the two confirmed are counted in the 10 ms bucket, the nack is not timed
+    counts, seconds = sender.latency.take()
+    assert len(counts) == len(CONFIRM_BUCKETS) + 1
+    assert counts[CONFIRM_BUCKETS.index(0.01)] == 2 and sum(counts) == 2
+    assert seconds == pytest.approx(0.016)
+    # And once taken they are not reported again
+    assert sender.latency.take() == ((), 0.0)

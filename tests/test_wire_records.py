@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeward.transport.errors import RemoteProtocolError
-from edgeward.transport.wire import RECORD_TYPES, Heartbeat, Record, decode, encode
+from edgeward.transport.wire import CONFIRM_BUCKETS, RECORD_TYPES, Heartbeat, Record, decode, encode
 
 ALERT = Record(
     device="pos-0001",
@@ -128,9 +128,25 @@ def test_a_heartbeat_carries_outbox_depth_and_drops_by_type() -> None:
     assert Heartbeat.from_message(decode(beat.encode())) == beat
 
 
+def test_a_heartbeat_carries_the_confirm_latency_counts_since_the_last_one() -> None:
+    confirms = tuple(range(len(CONFIRM_BUCKETS) + 1))
+    beat = Heartbeat("pos-1", 1.0, 3, 3, "abc", "ok", confirms=confirms, confirm_seconds=2.5)
+    assert Heartbeat.from_message(decode(beat.encode())) == beat
+
+
 @pytest.mark.parametrize(
     "change",
-    [{"dropped": {"log": "many"}}, {"rejected": {"stale": 1.5}}, {"outbox": "3"}, {"dropped": []}],
+    [
+        {"dropped": {"log": "many"}},
+        {"rejected": {"stale": 1.5}},
+        {"outbox": "3"},
+        {"dropped": []},
+        {"confirms": [1, 2, 3]},
+        {"confirms": [-1] * 13},
+        {"confirms": "13"},
+        {"confirm_seconds": -1.0},
+        {"confirm_seconds": float("nan")},
+    ],
     ids=str,
 )
 def test_a_heartbeat_with_counters_that_are_not_integers_is_refused(change: dict) -> None:

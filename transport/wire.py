@@ -223,6 +223,11 @@ class Heartbeat:
     # since the agent's first start because the outbox was full, by type.
     outbox: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    # Telemetry publish-confirm latency since the previous heartbeat: counts
+    # per bucket of :data:`CONFIRM_BUCKETS` (the last one: slower than all),
+    # not cumulative, and their sum in seconds. Empty: nothing confirmed.
+    confirms: tuple[int, ...] = ()
+    confirm_seconds: float = 0.0
 
     def encode(self) -> bytes:
         return encode(
@@ -242,6 +247,8 @@ class Heartbeat:
                 "error": self.error,
                 "outbox": self.outbox,
                 "dropped": dict(self.dropped),
+                "confirms": list(self.confirms),
+                "confirm_seconds": self.confirm_seconds,
             }
         )
 
@@ -271,7 +278,31 @@ class Heartbeat:
             error=str(obj.get("error", "")),
             outbox=outbox,
             dropped=_counts(dropped, "dropped"),
+            confirms=_confirms(obj.get("confirms", [])),
+            confirm_seconds=_seconds(obj.get("confirm_seconds", 0.0)),
         )
+
+
+#: Upper bounds (seconds) of the publish-confirm latency buckets a heartbeat
+#: reports; a final, unbounded bucket follows. Fixed: the control plane adds
+#: the devices' counts bucket by bucket.
+CONFIRM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _confirms(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or len(value) not in (0, len(CONFIRM_BUCKETS) + 1):
+        raise RemoteProtocolError(
+            "malformed", f"confirms must be {len(CONFIRM_BUCKETS) + 1} counts or none"
+        )
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+        raise RemoteProtocolError("malformed", "confirms must be counts")
+    return tuple(value)
+
+
+def _seconds(value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1e12:
+        raise RemoteProtocolError("malformed", "confirm_seconds must be a duration")
+    return float(value)
 
 
 #: Record types and their outbox priority: when the outbox is full the oldest
