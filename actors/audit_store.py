@@ -297,6 +297,24 @@ class AuditStore:
             0
         ]
 
+    def summary(self) -> dict[str, Any]:
+        """What the store holds: records by type, devices, their time span,
+        the stored offset and the counters (``edgeward audit status``)."""
+        by_type = dict(self._db.execute("SELECT type, count(*) FROM records GROUP BY type"))
+        devices, first, last = self._db.execute(
+            "SELECT count(DISTINCT device), min(time), max(time) FROM records"
+        ).fetchone()
+        return {
+            "path": str(self.path),
+            "records": sum(by_type.values()),
+            "by_type": by_type,
+            "devices": devices,
+            "first_time": first,
+            "last_time": last,
+            "offset": self.offset(),
+            **self.counters(),
+        }
+
     def keys(self) -> list[tuple[str, int]]:
         """Every stored ``(device, seq)``, in order (for tests and checks)."""
         return [(d, s) for d, s in self._db.execute("SELECT device, seq FROM records")]

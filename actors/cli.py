@@ -28,7 +28,7 @@ from edgeward.enforcement.evaluator import (
 )
 from edgeward.enforcement.kubearmor.settings import KubeArmorSettings
 from edgeward.enforcement.policy import PolicyValidationError, load_policy_files
-from edgeward.transport.errors import BrokerUnreachable
+from edgeward.transport.errors import BrokerUnreachable, TopologyConflict
 
 from . import messages as m
 from .config import (
@@ -112,7 +112,7 @@ def cmd_broker_up(args: argparse.Namespace) -> int:
                 raise
             time.sleep(1)
     try:
-        topology.declare(conn.channel(), _retention(args))
+        topology.declare(conn.channel(), *_retention(args))
     finally:
         conn.close()
     print(f"broker ready at {', '.join(redact(u) for u in urls)}; topology declared")
@@ -122,10 +122,27 @@ def cmd_broker_up(args: argparse.Namespace) -> int:
 def _retention(args: argparse.Namespace):
     from edgeward.transport.topology import Retention
 
-    return Retention(args.retention_max_age, args.retention_max_bytes, args.retention_segment_bytes)
+    policy = Retention(
+        args.retention_max_age, args.retention_max_bytes, args.retention_segment_bytes
+    )
+    telemetry = Retention(
+        args.telemetry_max_age, args.telemetry_max_bytes, args.telemetry_segment_bytes
+    )
+    for name, value in (
+        ("--retention-max-age", args.retention_max_age),
+        ("--telemetry-max-age", args.telemetry_max_age),
+    ):
+        if not re.fullmatch(r"[1-9][0-9]*[YMDhms]", value):
+            raise CliError(
+                "bad_input", f"{name} {value!r}: expected a number and a unit, like 90D or 12h"
+            )
+    return policy, telemetry
 
 
 def _settings(args: argparse.Namespace) -> m.Settings:
+    _retention(args)  # refuse a bad retention before starting anything
+    if args.collector_batch < 1 or args.collector_batch_ms <= 0:
+        raise CliError("bad_input", "--collector-batch and --collector-batch-ms must be positive")
     return m.Settings(
         home=str(Path(args.home).resolve()),
         broker_url=args.broker_url,
@@ -135,6 +152,11 @@ def _settings(args: argparse.Namespace) -> m.Settings:
         retention_max_age=args.retention_max_age,
         retention_max_bytes=args.retention_max_bytes,
         retention_segment_bytes=args.retention_segment_bytes,
+        telemetry_max_age=args.telemetry_max_age,
+        telemetry_max_bytes=args.telemetry_max_bytes,
+        telemetry_segment_bytes=args.telemetry_segment_bytes,
+        collector_batch=args.collector_batch,
+        collector_batch_ms=args.collector_batch_ms,
         metrics_port=getattr(args, "metrics_port", 0) or 0,  # only control-plane run has it
     )
 
@@ -582,6 +604,87 @@ def cmd_audit_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_status(args: argparse.Namespace) -> int:
+    """The audit trail at a glance: what is stored, how far behind the stream."""
+    import pika.exceptions
+
+    from edgeward.transport.connection import split_urls
+
+    from .audit_store import AuditStore
+    from .collector import audit_path, stream_tail
+
+    status: dict[str, Any] = {}
+    if args.store is not None:
+        path = Path(args.store)
+        if not path.is_file():
+            raise CliError("bad_input", f"--store {args.store}: no such file")
+    else:
+        from .runtime import Client
+
+        status = _reply_value(Client(args.admin_port).collector(m.Status()))
+        path = audit_path(str(Path(args.home).resolve()))
+        if not path.is_file():
+            raise CliError("error", f"{path}: no audit store (is --home the control plane's?)")
+    store = AuditStore(path)
+    try:
+        out = store.summary()
+    finally:
+        store.close()
+    out["bytes"] = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+    if args.store is None:
+        reader = status.get("reader") or {}
+        out["collector"] = {
+            "connected": bool(status.get("connected")),
+            "error": reader.get("error", ""),
+            "pid": reader.get("pid"),
+            "resumed_from": reader.get("resumed_from"),
+            "pending": reader.get("pending", 0),
+            "restarts": status.get("restarts", 0),
+        }
+        out["lost_to_retention"] = status.get("lost_to_retention", 0)
+        try:
+            tail = stream_tail(split_urls(args.broker_url), quiet=0.2, timeout=5.0)
+        except (BrokerUnreachable, pika.exceptions.AMQPError) as exc:
+            out["stream"] = {"error": str(exc) or repr(exc)}
+        else:
+            stored = out["offset"]
+            lag = 0 if tail is None else tail - (-1 if stored is None else stored)
+            out["stream"] = {"tail": tail, "lag": max(0, lag)}
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    kinds = ", ".join(f"{n} {t}s" for t, n in sorted(out["by_type"].items())) or "none"
+    span = (
+        f"; {_when(out['first_time'])} to {_when(out['last_time'])}"
+        if out["first_time"] is not None
+        else ""
+    )
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(out["refused"].items())) or "none"
+    lines = [
+        ("store", f"{out['path']} ({out['bytes'] / 1024**2:.1f} MiB)"),
+        ("records", f"{out['records']} from {out['devices']} devices ({kinds}){span}"),
+        ("duplicates", f"{out['duplicates']} repeats recognised and skipped"),
+        ("refused", refused),
+        ("offset", "nothing stored yet" if out["offset"] is None else str(out["offset"])),
+    ]
+    if "stream" in out:
+        stream = out["stream"]
+        if "error" in stream:
+            lines.append(("stream", stream["error"]))
+        else:
+            lines.append(("stream", f"tail offset {stream['tail']}, lag {stream['lag']} offsets"))
+        lost = out["lost_to_retention"]
+        if lost:
+            lines.append(("lost", f"{lost} offsets removed by retention before they were read"))
+        c = out["collector"]
+        state = f"reading (pid {c['pid']})" if c["connected"] else f"not reading: {c['error']}"
+        lines.append(("collector", f"{state}; {c['pending']} pending; {c['restarts']} restarts"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edgeward.simulator.run import simulate
     from edgeward.simulator.scenario import ScenarioError
@@ -593,6 +696,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes: ``1073741824``, ``1G``, ``16M``, ``512K`` (binary units)."""
+    found = re.fullmatch(r"\s*([0-9]+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not found or int(found[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive size like 1G or 512M")
+    return int(found[1]) * _SIZE_UNITS[found[2].upper()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,15 +740,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retention.add_argument(
         "--retention-max-bytes",
-        type=int,
-        default=1024**3,
-        help="policy stream retention by size (default %(default)s)",
+        type=byte_size,
+        default="1G",
+        help="policy stream retention by size: bytes, or with K/M/G/T (default %(default)s)",
     )
     retention.add_argument(
         "--retention-segment-bytes",
-        type=int,
-        default=16 * 1024**2,
+        type=byte_size,
+        default="16M",
         help="stream segment size; retention drops whole segments (default %(default)s)",
+    )
+    retention.add_argument(
+        "--telemetry-max-age",
+        default="90D",
+        help="audit trail (edgeward.telemetry stream) retention by age (default %(default)s)",
+    )
+    retention.add_argument(
+        "--telemetry-max-bytes",
+        type=byte_size,
+        default="10G",
+        help="audit trail retention by size (default %(default)s)",
+    )
+    retention.add_argument(
+        "--telemetry-segment-bytes",
+        type=byte_size,
+        default="16M",
+        help="audit trail segment size (default %(default)s)",
     )
 
     parser = argparse.ArgumentParser(
@@ -687,6 +818,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=45.0,
         help="seconds of silence before a device counts as offline (default %(default)s)",
+    )
+    run.add_argument(
+        "--collector-batch",
+        type=int,
+        default=250,
+        metavar="N",
+        help="the telemetry collector commits after N records ... (default %(default)s)",
+    )
+    run.add_argument(
+        "--collector-batch-ms",
+        type=float,
+        default=200.0,
+        metavar="MS",
+        help="... or MS milliseconds after a batch's first record (default %(default)s)",
     )
     run.set_defaults(func=cmd_control_plane_run)
 
@@ -961,6 +1106,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--into", metavar="FILE", help="the new store (default HOME/audit-replay-<time>.sqlite)"
     )
     areplay.set_defaults(func=cmd_audit_replay)
+    astatus = audit.add_parser(
+        "status",
+        parents=[common, as_json],
+        help="what the audit trail holds and how far the collector is behind the stream",
+        description="Records stored by type, devices and time span, duplicates skipped, "
+        "messages refused by reason, the stored stream offset, and (from the running control "
+        "plane and the broker) the stream's tail, the collector's lag in offsets, and its "
+        "reader's state. With --store, only what that file holds.",
+    )
+    astatus.add_argument(
+        "--store", metavar="FILE", help="an audit store file (e.g. from `audit replay`)"
+    )
+    astatus.set_defaults(func=cmd_audit_status)
     return parser
 
 
@@ -976,6 +1134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"edgeward: {exc}", file=sys.stderr)
         return EXIT[exc.code]
+    except TopologyConflict as exc:
+        print(f"edgeward: {exc}", file=sys.stderr)
+        return EXIT["bad_input"]
     except (ControlPlaneUnreachable, BrokerUnreachable) as exc:
         print(f"edgeward: {exc}", file=sys.stderr)
         return EXIT["unreachable"]

@@ -64,8 +64,14 @@ from thespian.actors import (
 )
 
 from edgeward.transport import topology
-from edgeward.transport.connection import Backoff, connect_blocking, socket_fds, split_urls
-from edgeward.transport.errors import BrokerUnreachable, RemoteProtocolError
+from edgeward.transport.connection import (
+    Backoff,
+    close_quietly,
+    connect_blocking,
+    socket_fds,
+    split_urls,
+)
+from edgeward.transport.errors import BrokerUnreachable, RemoteProtocolError, TopologyConflict
 from edgeward.transport.wire import Record, decode
 
 from . import messages as m
@@ -230,6 +236,7 @@ class TelemetryReader(ActorTypeDispatcher):
         stored = self.store.offset()
         start: Any = "first" if stored is None else stored + 1
         batch = max(1, self.settings.collector_batch)
+        conn = None
         try:
             conn = connect_blocking(self.urls, name="edgeward-telemetry-collector")
             channel = conn.channel()
@@ -238,10 +245,12 @@ class TelemetryReader(ActorTypeDispatcher):
             channel.basic_consume(
                 topology.TELEMETRY_STREAM, self._on_message, arguments={STREAM_OFFSET: start}
             )
-        except BrokerUnreachable as exc:
+        except (BrokerUnreachable, TopologyConflict) as exc:
+            close_quietly(conn)
             self._retry(str(exc))
             return
         except (pika.exceptions.AMQPError, OSError) as exc:
+            close_quietly(conn)
             self._retry(f"broker setup failed: {exc!r}")
             return
         self.conn, self.channel = conn, channel

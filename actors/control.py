@@ -37,12 +37,13 @@ from edgeward.enforcement.policy import PolicyValidationError, parse_policies
 from edgeward.transport import topology
 from edgeward.transport.connection import (
     Backoff,
+    close_quietly,
     connect_blocking,
     redact,
     socket_fds,
     split_urls,
 )
-from edgeward.transport.errors import BrokerUnreachable, RemoteProtocolError
+from edgeward.transport.errors import BrokerUnreachable, RemoteProtocolError, TopologyConflict
 from edgeward.transport.signing import Signer
 from edgeward.transport.wire import CONFIRM_BUCKETS, Bundle, Heartbeat, decode
 
@@ -179,6 +180,7 @@ class BrokerLink(_Configured):
     def _ensure_connected(self, now: bool = False) -> None:
         if self.conn is not None or (not now and time.monotonic() < self.retry_at):
             return
+        conn = None
         try:
             conn = connect_blocking(self.urls, name="edgeward-control-plane")
             channel = conn.channel()
@@ -187,12 +189,14 @@ class BrokerLink(_Configured):
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.HEARTBEAT_PREFETCH)
             channel.basic_consume(topology.HEARTBEAT_QUEUE, self._on_heartbeat)
-        except BrokerUnreachable as exc:
+        except (BrokerUnreachable, TopologyConflict) as exc:
+            close_quietly(conn)
             self.last_error = str(exc)
             self.retry_at = time.monotonic() + self.backoff.next_delay()
             log.warning("%s", exc)
             return
         except (pika.exceptions.AMQPError, OSError) as exc:
+            close_quietly(conn)
             self.last_error = f"broker setup failed: {exc!r}"
             self.retry_at = time.monotonic() + self.backoff.next_delay()
             log.warning("%s", self.last_error)

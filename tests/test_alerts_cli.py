@@ -216,3 +216,35 @@ def test_alerts_without_a_control_plane_exit_3_naming_the_address(broker_url: st
     env = {**os.environ, "EDGEWARD_ADMIN_PORT": str(port), "EDGEWARD_BROKER_URL": broker_url}
     code, _, err = edgeward(env, "alerts")
     assert code == 3 and f"127.0.0.1:{port}" in err
+
+
+def test_audit_status_says_what_is_stored_and_how_far_behind_the_stream_it_is(
+    env: dict[str, str], some_alerts: None, device: Device, tmp_path: Path
+) -> None:
+    # Given five records stored, one repeat and one forgery on the stream
+    device.publish([alert("pos-0001", 1, severity=2, time=NOW - 3 * 86400)])
+    device.publish_raw("telemetry.pos-0003.alert", alert("pos-0001", 9).encode())
+
+    # When the operator asks for the audit trail's status (once it read them)
+    def status() -> dict:
+        code, out, err = edgeward(env, "audit", "status", "--json")
+        assert code == 0, out + err
+        return json.loads(out)
+
+    got = wait_until(
+        lambda: (s := status())["duplicates"] == 1 and s["refused"] and s,
+        timeout=30,
+        message="the repeat and the forgery were never counted",
+    )
+    # Then it counts the records by type and device, the repeat and the refusal
+    assert got["records"] == 5 and got["by_type"] == {"alert": 4, "log": 1}
+    assert got["devices"] == 2 and got["refused"] == {"device_mismatch": 1}
+    assert got["first_time"] == pytest.approx(NOW - 3 * 86400)
+    # And the stream's tail is its stored offset: nothing waits to be stored
+    assert got["offset"] == 6 and got["stream"] == {"tail": 6, "lag": 0}
+    assert got["collector"]["connected"] and got["collector"]["restarts"] == 0
+    # And people get the same as lines
+    code, out, _ = edgeward(env, "audit", "status")
+    assert code == 0
+    assert "5 from 2 devices (4 alerts, 1 logs)" in out
+    assert "tail offset 6, lag 0 offsets" in out and "device_mismatch 1" in out

@@ -10,7 +10,7 @@ from pathlib import Path
 import pika
 import pytest
 from brokerkit import free_port, wait_until
-from fleetkit import Fleet
+from fleetkit import CLI, Fleet, Proc
 from tcpproxy import TcpProxy
 
 from edgeward.transport import topology
@@ -310,6 +310,32 @@ def test_unreachable_control_plane_and_broker_exit_3_naming_the_address(fleet: F
     fleet.env["EDGEWARD_BROKER_URL"] = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
     done = fleet.run_cli("broker", "up")
     assert done.returncode == 3 and "127.0.0.1" in done.stderr
+
+
+def test_the_audit_trail_keeps_the_retention_asked_for_and_a_conflict_is_named(
+    fleet: Fleet, vhost: str, broker_admin
+) -> None:
+    from edgeward.transport import topology
+
+    # Given a broker prepared with a 7-day, 1 GiB audit trail
+    fleet.cli("broker", "up", "--telemetry-max-age", "7D", "--telemetry-max-bytes", "1073741824")
+    stream = broker_admin.queue_info(vhost, topology.TELEMETRY_STREAM)
+    assert stream["arguments"]["x-max-age"] == "7D"
+    assert stream["arguments"]["x-max-length-bytes"] == 1024**3
+    # When the control plane is started asking for another retention
+    fleet.control = Proc(
+        [*CLI, "control-plane", "run", "--telemetry-max-age", "30D", "--telemetry-max-bytes", "1G"],
+        fleet.env,
+        "control plane",
+    )
+    # Then it says why it cannot use the broker, naming both values
+    fleet.control.wait_for_line("received '30D' but current is '7D'", timeout=30)
+    # And the CLI refuses the same with exit 2
+    done = fleet.run_cli("broker", "up", "--telemetry-max-age", "30D")
+    assert done.returncode == 2 and "fixed when it is made" in done.stderr
+    # And a retention that is not one gets exit 2 before the broker is asked
+    done = fleet.run_cli("broker", "up", "--telemetry-max-age", "a week")
+    assert done.returncode == 2 and "like 90D" in done.stderr
 
 
 def test_agent_killed_mid_run_restarts_from_its_cache(fleet: Fleet, tmp_path: Path) -> None:

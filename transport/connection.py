@@ -140,6 +140,17 @@ def connect_blocking(
     raise BrokerUnreachable([redact(u) for u in urls], "; ".join(errors))
 
 
+def close_quietly(conn: Any) -> None:
+    """Close a connection that may be half made or already gone."""
+    if conn is None:
+        return
+    try:
+        if conn.is_open:
+            conn.close()
+    except Exception:  # pika rejects what it buffered (a 540 on a stream): expected
+        pass
+
+
 def quiet_pika(level: int = logging.CRITICAL) -> None:
     """Silence pika's own log: our links count and classify every failure,
     and pika would repeat each one for every connection.

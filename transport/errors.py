@@ -5,6 +5,8 @@
   ``reason`` code that is counted and reported, never a crash.
 * :class:`LocalProtocolError` — our own code misused an API.
 * :class:`BrokerUnreachable` — no node of the broker URL list answered.
+* :class:`TopologyConflict` — the broker holds a queue or stream of ours
+  declared with other arguments than the ones asked for.
 """
 
 from __future__ import annotations
@@ -34,3 +36,8 @@ class BrokerUnreachable(EdgewardError):
         super().__init__(f"broker unreachable at {', '.join(addresses)}: {detail}")
         self.addresses = addresses
         self.detail = detail
+
+
+class TopologyConflict(EdgewardError):
+    """A queue or stream exists with other arguments (RabbitMQ's 406
+    "inequivalent arg"): its retention is fixed when it is made."""

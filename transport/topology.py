@@ -21,7 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pika
+import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+
+from .errors import TopologyConflict
 
 POLICY_EXCHANGE = "edgeward.policy"
 POLICY_STREAM = "edgeward.policy"
@@ -69,9 +72,28 @@ def declare(
     retention: Retention | None = None,
     telemetry_retention: Retention | None = None,
 ) -> None:
-    """Declare the topology; idempotent for the same arguments."""
+    """Declare the topology; idempotent for the same arguments.
+
+    Raises :class:`TopologyConflict` (the channel is closed, the connection
+    not) when a stream exists with another retention than the one asked for.
+    """
     retention = retention or Retention()
     telemetry_retention = telemetry_retention or TELEMETRY_RETENTION
+    try:
+        _declare(channel, retention, telemetry_retention)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406 or "inequivalent arg" not in str(exc.reply_text):
+            raise
+        raise TopologyConflict(
+            f"{exc.reply_text}. A stream's retention is fixed when it is made: keep the "
+            "value it has (pass it, or leave the option at its default if that is what it "
+            "has), or delete the stream (its records go with it) and let edgeward make it again"
+        ) from exc
+
+
+def _declare(
+    channel: BlockingChannel, retention: Retention, telemetry_retention: Retention
+) -> None:
     channel.exchange_declare(POLICY_EXCHANGE, exchange_type="fanout", durable=True)
     channel.queue_declare(POLICY_STREAM, durable=True, arguments=retention.arguments())
     channel.queue_bind(POLICY_STREAM, POLICY_EXCHANGE)
