@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pika.adapters.select_connection import IOLoop, SelectConnection
 
@@ -215,6 +216,12 @@ def kubearmor_alert(raw: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def login_of(config: AgentConfig) -> str | None:
+    """The device's own broker user (its name), or None for a shared login."""
+    users = {unquote(urlsplit(u).username or "") for u in split_urls(config.broker_url)}
+    return config.device if users == {config.device} else None
+
+
 class LocalEnforcer(AgentShell):
     """Hosts one :class:`AgentCore` on a real device."""
 
@@ -250,6 +257,10 @@ class LocalEnforcer(AgentShell):
             max_records=config.outbox_max_records,
             max_bytes=config.outbox_max_bytes,
         )
+        # A device with a broker user of its own (named after it) stamps
+        # that login as user_id on what it publishes: RabbitMQ refuses any
+        # other, and the control plane trusts nothing without it.
+        self.user_id = login_of(config)
         self.sender = Sender(
             self.outbox,
             self.ioloop,
@@ -258,6 +269,7 @@ class LocalEnforcer(AgentShell):
             jitter=config.telemetry_drain_jitter_s,
             clock=time.monotonic,
             say=self.say,
+            user_id=self.user_id,
         )
         self.confirm_latency = self.sender.latency  # its counts go out in heartbeats
         if events_from is not None and self.backend.name != "builtin":

@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS stream_position (
     stream_offset INTEGER NOT NULL,  -- the last offset whose effect is stored
     updated       REAL    NOT NULL
 );
+CREATE TABLE IF NOT EXISTS revoked (
+    device     TEXT PRIMARY KEY,         -- its telemetry is refused ("revoked")
+    revoked_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT    PRIMARY KEY,       -- stored, duplicates, refused:<reason>
     value INTEGER NOT NULL
@@ -296,6 +300,16 @@ class AuditStore:
         return self._db.execute("SELECT count(*) FROM records WHERE type = ?", (type_,)).fetchone()[
             0
         ]
+
+    def revoke(self, device: str, when: float) -> bool:
+        """Mark ``device`` revoked; False when it already was."""
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO revoked (device, revoked_at) VALUES (?, ?)", (device, when)
+        )
+        return cur.rowcount == 1
+
+    def revoked(self) -> list[str]:
+        return [d for (d,) in self._db.execute("SELECT device FROM revoked ORDER BY device")]
 
     def summary(self) -> dict[str, Any]:
         """What the store holds: records by type, devices, their time span,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from edgeward.enforcement.evaluator import (
     CapEvent,
@@ -28,6 +31,8 @@ from edgeward.enforcement.evaluator import (
 )
 from edgeward.enforcement.kubearmor.settings import KubeArmorSettings
 from edgeward.enforcement.policy import PolicyValidationError, load_policy_files
+from edgeward.transport.admin import vhost_of, with_login
+from edgeward.transport.connection import split_urls
 from edgeward.transport.errors import BrokerUnreachable, TopologyConflict
 
 from . import messages as m
@@ -157,6 +162,7 @@ def _settings(args: argparse.Namespace) -> m.Settings:
         telemetry_segment_bytes=args.telemetry_segment_bytes,
         collector_batch=args.collector_batch,
         collector_batch_ms=args.collector_batch_ms,
+        allow_shared_login=args.allow_shared_login,
         metrics_port=getattr(args, "metrics_port", 0) or 0,  # only control-plane run has it
     )
 
@@ -223,15 +229,28 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             KubeArmorSettings.from_config(backend)
         except ValueError as exc:
             raise CliError("bad_input", f"--kubearmor-address: {exc}") from None
+    urls = split_urls(args.device_broker_url or args.broker_url)
+    admin = None if args.shared_login else _management(args)
     client = Client(args.admin_port)
     keys = _reply_value(client.distributor(m.SigningIdentity()))
     _reply_value(client.mirror(m.Enroll(args.device, tuple(sorted(labels.items())))))
+    if admin is None:
+        device_url = ",".join(urls)
+        login = "the shared broker login (--shared-login: not for production)"
+    else:
+        # A fresh random secret, known only to the broker (as a hash) and to
+        # the config file written below; enrolling again replaces it.
+        secret = secrets.token_urlsafe(32)
+        for vhost in sorted({vhost_of(u) for u in urls}):
+            admin.put_device_user(vhost, args.device, secret)
+        device_url = ",".join(with_login(u, args.device, secret) for u in urls)
+        login = f"broker user {args.device!r} (its own secret, in the config only)"
     cache_dir = args.cache_dir or str(Path(args.home).resolve() / "devices" / args.device)
     try:
         config = AgentConfig(
             device=args.device,
             labels=labels,
-            broker_url=args.broker_url,
+            broker_url=device_url,
             cache_dir=str(Path(cache_dir).resolve()),
             trusted_keys=keys,
             heartbeat_interval=args.heartbeat_interval,
@@ -240,7 +259,47 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError("bad_input", str(exc)) from None
     config.write(Path(args.out))
-    print(f"enrolled {args.device} ({labels_text(labels)}); agent config written to {args.out}")
+    print(
+        f"enrolled {args.device} ({labels_text(labels)}) with {login}; "
+        f"agent config written to {args.out} (mode 0600)"
+    )
+    return 0
+
+
+def _management(args: argparse.Namespace) -> Any:
+    """The management API the operator's login administers users through."""
+    from edgeward.transport.admin import ManagementAPI
+
+    if args.management_url:
+        parts = urlsplit(args.management_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CliError("bad_input", f"--management-url {args.management_url!r}: not http(s)")
+        first = urlsplit(split_urls(args.broker_url)[0])
+        user = unquote(parts.username or first.username or "guest")
+        password = unquote(parts.password or first.password or "guest")
+        port = f":{parts.port}" if parts.port else ""
+        base = f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/') or '/api'}"
+        return ManagementAPI(base, user, password)
+    return ManagementAPI.for_amqp_url(split_urls(args.broker_url)[0])
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    client = Client(args.admin_port)
+    result = _reply_value(client.mirror(m.Revoke(args.device)))
+    _reply_value(client.collector(m.Revoke(args.device)))
+    said = [f"{args.device} revoked: marked revoked, its telemetry from now on refused"]
+    if not args.shared_login:
+        admin = _management(args)
+        existed, closed = admin.revoke_user(args.device, "device revoked")
+        said.append(
+            f"broker user {'deleted' if existed else 'was already gone'}, "
+            f"{closed} live connection{'s' if closed != 1 else ''} closed"
+        )
+    if result.get("already"):
+        said[0] = f"{args.device} was already revoked"
+    print("; ".join(said))
     return 0
 
 
@@ -730,6 +789,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Thespian admin port of the control plane (env EDGEWARD_ADMIN_PORT; "
         "default %(default)s)",
     )
+    management = argparse.ArgumentParser(add_help=False)
+    management.add_argument(
+        "--management-url",
+        default=os.environ.get("EDGEWARD_MANAGEMENT_URL"),
+        metavar="URL",
+        help="RabbitMQ management API for device users (env EDGEWARD_MANAGEMENT_URL; default "
+        "http://<first broker host>:15672/api with the --broker-url login, which must be an "
+        "administrator's)",
+    )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print a JSON array for scripts")
     retention = argparse.ArgumentParser(add_help=False)
@@ -820,6 +888,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds of silence before a device counts as offline (default %(default)s)",
     )
     run.add_argument(
+        "--allow-shared-login",
+        action="store_true",
+        help="accept telemetry and heartbeats that carry no broker user_id (devices enrolled "
+        "with --shared-login; development only)",
+    )
+    run.add_argument(
         "--collector-batch",
         type=int,
         default=250,
@@ -836,7 +910,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_control_plane_run)
 
     enroll = verbs.add_parser(
-        "enroll", parents=[common], help="register a device and write its agent config"
+        "enroll",
+        parents=[common, management],
+        help="register a device, make its broker user, write its agent config",
+        description="Registers the device with the control plane, makes it a broker user of "
+        "its own (random secret; no configure rights; may read only the policy stream and "
+        "publish only telemetry.<device>.*; one connection at a time) through the management "
+        "API, and writes the agent config (mode 0600) with that login.",
     )
     enroll.add_argument("device", help="device name (lower-case letters, digits, '-')")
     enroll.add_argument(
@@ -867,7 +947,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="the KubeArmor daemon (default 127.0.0.1:32767)",
     )
+    enroll.add_argument(
+        "--device-broker-url",
+        metavar="URL",
+        help="the broker URL(s) as the device reaches them (default: --broker-url); the "
+        "device's own login replaces the one in it",
+    )
+    enroll.add_argument(
+        "--shared-login",
+        action="store_true",
+        help="make no broker user: the device gets the broker URL as given (development "
+        "only: any holder of it can act as any device)",
+    )
     enroll.set_defaults(func=cmd_enroll)
+
+    revoke = verbs.add_parser(
+        "revoke",
+        parents=[common, management],
+        help="delete a device's broker user, close its connection, refuse its telemetry",
+        description="Deletes the device's broker user (so it cannot log in again), closes its "
+        "live connections, marks it revoked in `edgeward devices`, and makes the collector "
+        "refuse its telemetry from now on (kept as evidence, counted as 'revoked'). A revoked "
+        "device stays revoked: enrol the hardware again under a new name.",
+    )
+    revoke.add_argument("device")
+    revoke.add_argument(
+        "--shared-login", action="store_true", help="the device had no broker user of its own"
+    )
+    revoke.set_defaults(func=cmd_revoke)
 
     agent = verbs.add_parser("agent", help="the device agent").add_subparsers(
         dest="sub", required=True, metavar="ACTION"

@@ -4,8 +4,8 @@ Rules (what the code below keeps true):
 
 1. The reader consumes ``edgeward.telemetry`` from the stored offset + 1
    (``first`` when nothing is stored), with a per-consumer prefetch of twice
-   the batch size and manual acks.  It never nacks or rejects: on RabbitMQ
-   3.10 that closes the connection.
+   the batch size (at most 65,535: AMQP's limit) and manual acks.  It never
+   nacks or rejects: on RabbitMQ 3.10 that closes the connection.
 2. Every delivery is classified.  A record whose routing key
    ``telemetry.<device>.<type>`` names the device and type of its body is
    kept; anything else is *refused* with a reason (``malformed``,
@@ -87,6 +87,15 @@ def audit_path(home: str) -> Path:
     return Path(home) / "audit.sqlite"
 
 
+#: basic.qos carries prefetch_count in 16 bits; a larger one cannot be encoded.
+MAX_PREFETCH = 65_535
+
+
+def prefetch_for(batch: int) -> int:
+    """Twice the batch (rule 1), within what basic.qos can carry."""
+    return min(2 * max(1, batch), MAX_PREFETCH)
+
+
 def retentions(settings: m.Settings) -> tuple[topology.Retention, topology.Retention]:
     """The policy and telemetry stream retention the settings ask for."""
     return (
@@ -106,17 +115,43 @@ def retentions(settings: m.Settings) -> tuple[topology.Retention, topology.Reten
 # -- classification and batches (no I/O but the store) --------------------------
 
 
-def classify(routing_key: str, body: bytes) -> Record:
+@dataclass(frozen=True)
+class Trust:
+    """Whom the collector believes (rule 2's identity checks).
+
+    ``require_user_id``: a record must carry the AMQP ``user_id`` of its
+    device's broker user. RabbitMQ refuses a ``user_id`` other than the
+    connection's login, and a device user may publish only its own routing
+    keys, so a record that names device D in key, body and ``user_id`` came
+    from D's login. Off only with ``--allow-shared-login`` (devices sharing
+    one login, for development): then a missing ``user_id`` passes, a
+    ``user_id`` naming another device still does not.
+    ``revoked``: devices whose telemetry is refused from now on.
+    """
+
+    require_user_id: bool = True
+    revoked: frozenset[str] = frozenset()
+
+
+def classify(
+    routing_key: str, body: bytes, user_id: str | None = None, trust: Trust = Trust()
+) -> Record:
     """The record in one delivery, or :class:`RemoteProtocolError` saying why not."""
     parts = routing_key.split(".")
     if len(parts) != 3 or parts[0] != "telemetry" or not parts[1]:
         raise RemoteProtocolError("bad_routing_key", routing_key)
+    if parts[1] in trust.revoked:
+        raise RemoteProtocolError("revoked", f"{parts[1]!r} is revoked")
+    if user_id is None:
+        if trust.require_user_id:
+            raise RemoteProtocolError("no_user_id", f"published as {parts[1]!r} without user_id")
+    elif user_id != parts[1]:
+        raise RemoteProtocolError("user_mismatch", f"user {user_id!r} published as {parts[1]!r}")
     try:
         record = Record.from_message(decode(body))
     except (ValueError, TypeError, OverflowError) as exc:  # belt and braces
         raise RemoteProtocolError("malformed", str(exc)) from None
     if record.device != parts[1]:
-        # Trust, for now: the routing key is what broker permissions confine.
         raise RemoteProtocolError("device_mismatch", f"{record.device!r} published as {parts[1]!r}")
     if record.type != parts[2]:
         raise RemoteProtocolError("type_mismatch", f"{record.type!r} published as {parts[2]!r}")
@@ -133,15 +168,24 @@ class Batch:
     last_tag: int = 0
     started: float = 0.0  # monotonic time of the first delivery
     skipped: int = 0  # offsets retention removed before they were read
+    trust: Trust = field(default_factory=Trust)
 
     def __len__(self) -> int:
         return len(self.records) + len(self.refusals)
 
-    def add(self, offset: int, routing_key: str, body: bytes, tag: int, now: float) -> None:
+    def add(
+        self,
+        offset: int,
+        routing_key: str,
+        body: bytes,
+        tag: int,
+        now: float,
+        user_id: str | None = None,
+    ) -> None:
         if not self:
             self.started = now
         try:
-            self.records.append((offset, classify(routing_key, body)))
+            self.records.append((offset, classify(routing_key, body, user_id, self.trust)))
         except RemoteProtocolError as exc:
             self.refusals.append(Refusal(offset, routing_key, exc.reason, exc.detail, body))
         self.last_offset = offset
@@ -177,7 +221,8 @@ class TelemetryReader(ActorTypeDispatcher):
         self.urls: list[str] = []
         self.conn: Any = None
         self.channel: Any = None
-        self.batch = Batch()
+        self.trust = Trust()
+        self.batch = Batch(trust=self.trust)
         self.backoff = Backoff(base=0.5, cap=10.0)
         self.retry_at = 0.0
         self.error = ""
@@ -198,10 +243,20 @@ class TelemetryReader(ActorTypeDispatcher):
         self.parent = sender
         self.urls = split_urls(msg.settings.broker_url)
         self.store = AuditStore(audit_path(msg.settings.home))
+        self._trust(frozenset(self.store.revoked()))
         self._ensure_connected()
         self._report(force=True)
         self.wakeupAfter(self.tick)
         return self._watch()
+
+    def receiveMsg_Revoke(self, msg: m.Revoke, sender: Any) -> ThespianWatch:
+        self._trust(self.trust.revoked | {msg.device})
+        return self._watch()
+
+    def _trust(self, revoked: frozenset[str]) -> None:
+        assert self.settings is not None
+        self.trust = Trust(not self.settings.allow_shared_login, revoked)
+        self.batch.trust = self.trust  # deliveries from now on
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> ThespianWatch:
         if self.settings is not None:
@@ -241,7 +296,7 @@ class TelemetryReader(ActorTypeDispatcher):
             conn = connect_blocking(self.urls, name="edgeward-telemetry-collector")
             channel = conn.channel()
             topology.declare(channel, *retentions(self.settings))
-            channel.basic_qos(prefetch_count=2 * batch)
+            channel.basic_qos(prefetch_count=prefetch_for(batch))
             channel.basic_consume(
                 topology.TELEMETRY_STREAM, self._on_message, arguments={STREAM_OFFSET: start}
             )
@@ -300,7 +355,14 @@ class TelemetryReader(ActorTypeDispatcher):
             )
             self.batch.skipped += offset - self.expected
         self.expected = None
-        self.batch.add(offset, method.routing_key, body, method.delivery_tag, time.monotonic())
+        self.batch.add(
+            offset,
+            method.routing_key,
+            body,
+            method.delivery_tag,
+            time.monotonic(),
+            properties.user_id,
+        )
         self.received = offset
 
     def _pump(self) -> None:
@@ -321,7 +383,7 @@ class TelemetryReader(ActorTypeDispatcher):
     def _commit(self, ack: bool = True) -> None:
         if not self.batch or self.store is None:
             return
-        batch, self.batch = self.batch, Batch()
+        batch, self.batch = self.batch, Batch(trust=self.trust)
         try:
             done = batch.commit(self.store)
         except sqlite3.Error as exc:
@@ -393,6 +455,14 @@ class TelemetryCollector(ActorTypeDispatcher):
             return self.send(sender, m.Reply.fail(m.FAILED, "control plane is still starting"))
         rows, high = self.store.alerts(AlertQuery(**asdict(msg)))
         self.send(sender, m.Reply(True, {"alerts": rows, "offset": high}))
+
+    def receiveMsg_Revoke(self, msg: m.Revoke, sender: Any) -> None:
+        if self.store is None:
+            return self.send(sender, m.Reply.fail(m.FAILED, "control plane is still starting"))
+        already = not self.store.revoke(msg.device, time.time())
+        if self.reader is not None:
+            self.send(self.reader, msg)
+        self.send(sender, m.Reply(True, {"device": msg.device, "already": already}))
 
     def receiveMsg_ReaderState(self, msg: m.ReaderState, sender: Any) -> None:
         if sender == self.reader:
@@ -500,7 +570,10 @@ def replay(
     urls = split_urls(broker_url)
     tail = stream_tail(urls)
     store = AuditStore(into)
-    pending = Batch()
+    # Replay keeps records without a user_id (a stream from before device
+    # users, or a development fleet); one naming another device is refused.
+    trust = Trust(require_user_id=False)
+    pending = Batch(trust=trust)
     totals = {"read": 0, "stored": 0, "duplicates": 0}
     refused: dict[str, int] = {}
     seen: list[int] = []  # first and last offset read
@@ -515,14 +588,14 @@ def replay(
         totals["stored"] += done.stored
         totals["duplicates"] += done.duplicates
         channel.basic_ack(pending.last_tag, multiple=True)
-        pending = Batch()
+        pending = Batch(trust=trust)
         on_progress(totals["read"])
 
     conn = connect_blocking(urls, name="edgeward-audit-replay")
     try:
         if tail is not None:
             channel = conn.channel()
-            channel.basic_qos(prefetch_count=2 * batch)
+            channel.basic_qos(prefetch_count=prefetch_for(batch))
             state = {"done": False, "last": time.monotonic()}
 
             def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -534,7 +607,9 @@ def replay(
                     state["done"] = True
                     return
                 seen[:] = [seen[0] if seen else offset, offset]
-                pending.add(offset, method.routing_key, body, method.delivery_tag, 0.0)
+                pending.add(
+                    offset, method.routing_key, body, method.delivery_tag, 0.0, properties.user_id
+                )
                 totals["read"] += 1
                 if offset == tail:
                     state["done"] = True

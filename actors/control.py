@@ -100,6 +100,7 @@ class BrokerLink(_Configured):
         self.retry_at = 0.0
         self.batch: list[dict] = []
         self.malformed = 0
+        self.refused = 0
         self.last_tag = 0
         self.last_error = ""
 
@@ -227,16 +228,37 @@ class BrokerLink(_Configured):
             self._lost(exc)
 
     def _on_heartbeat(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self.last_tag = method.delivery_tag
         try:
-            self.batch.append(asdict(Heartbeat.from_message(decode(body))))
+            hb = Heartbeat.from_message(decode(body))
         except RemoteProtocolError:
             self.malformed += 1
-        self.last_tag = method.delivery_tag
+            return
+        # The same identity rule as telemetry records: the routing key, the
+        # body and the broker login (user_id) must all name one device.
+        assert self.settings is not None
+        key = method.routing_key.split(".")
+        user_id = properties.user_id
+        if (
+            len(key) != 3
+            or key[1] != hb.device
+            or (user_id is not None and user_id != hb.device)
+            or (user_id is None and not self.settings.allow_shared_login)
+        ):
+            self.refused += 1
+            log.warning(
+                "refused a heartbeat naming %r, routed %r, from user %r",
+                hb.device,
+                method.routing_key,
+                user_id,
+            )
+            return
+        self.batch.append(asdict(hb))
 
     def _flush(self) -> None:
-        if self.batch or self.malformed:
-            self.send(self.mirror, m.Heartbeats(tuple(self.batch), self.malformed))
-            self.batch, self.malformed = [], 0
+        if self.batch or self.malformed or self.refused:
+            self.send(self.mirror, m.Heartbeats(tuple(self.batch), self.malformed, self.refused))
+            self.batch, self.malformed, self.refused = [], 0, 0
         if self.last_tag and self.channel is not None:
             self.channel.basic_ack(self.last_tag, multiple=True)
             self.last_tag = 0
@@ -513,6 +535,8 @@ class DeviceMirror(_Configured):
         self.dirty: set[str] = set()
         self.unknown_devices = 0
         self.malformed = 0
+        self.refused = 0  # heartbeats whose sender was not the device they name
+        self.revoked: set[str] = set()
         # The fleet's telemetry publish-confirm latency, summed from the
         # heartbeats' counts since this mirror started (a Prometheus histogram).
         self.confirm_counts = [0] * (len(CONFIRM_BUCKETS) + 1)
@@ -524,6 +548,8 @@ class DeviceMirror(_Configured):
             "devices": len(self.labels),
             "unknown_devices": self.unknown_devices,
             "malformed": self.malformed,
+            "refused": self.refused,
+            "revoked": len(self.revoked),
             "confirm_buckets": list(CONFIRM_BUCKETS),
             "confirm_counts": list(self.confirm_counts),
             "confirm_seconds": self.confirm_seconds,
@@ -543,6 +569,7 @@ class DeviceMirror(_Configured):
                 self.reported[row.device] = row.reported
             if row.last_seen is not None:
                 self.last_seen[row.device] = row.last_seen
+        self.revoked = set(self.store.revoked())
         self.wakeupAfter(self.FLUSH_SECONDS)
         self.send(sender, m.Reply(True, self.status()))
 
@@ -550,11 +577,31 @@ class DeviceMirror(_Configured):
         if self.settings is None:
             return self.not_configured(sender)
         assert self.store is not None
+        if msg.device in self.revoked:
+            return self.send(
+                sender,
+                m.Reply.fail(
+                    m.BAD_INPUT,
+                    f"{msg.device} is revoked and stays so: enrol the hardware under a new name",
+                ),
+            )
         labels = dict(msg.labels)
         self.store.enroll(msg.device, labels, time.time())
         self.labels[msg.device] = labels
         self.desired[msg.device] = desired_for(msg.device, labels, self.history)
         self.send(sender, m.Reply(True, {"device": msg.device, "labels": labels}))
+
+    def receiveMsg_Revoke(self, msg: m.Revoke, sender: Any) -> None:
+        if self.settings is None:
+            return self.not_configured(sender)
+        assert self.store is not None
+        if msg.device not in self.labels:
+            return self.send(sender, m.Reply.fail(m.BAD_INPUT, f"{msg.device} is not enrolled"))
+        already = msg.device in self.revoked
+        if not already:
+            self.store.revoke(msg.device, time.time())
+            self.revoked.add(msg.device)
+        self.send(sender, m.Reply(True, {"device": msg.device, "already": already}))
 
     def receiveMsg_FleetChanged(self, msg: m.FleetChanged, sender: Any) -> None:
         if self.history and self.history[-1].revision >= msg.revision:
@@ -567,10 +614,14 @@ class DeviceMirror(_Configured):
     def receiveMsg_Heartbeats(self, msg: m.Heartbeats, sender: Any) -> None:
         now = time.time()
         self.malformed += msg.malformed
+        self.refused += msg.refused
         for hb in msg.items:
             device = hb["device"]
             if device not in self.labels:
                 self.unknown_devices += 1
+                continue
+            if device in self.revoked:
+                self.refused += 1
                 continue
             # Latency counts are since the device's previous heartbeat: add
             # them to the fleet's, and keep them out of the device's state.
@@ -597,13 +648,17 @@ class DeviceMirror(_Configured):
         for device in sorted(self.labels):
             reported = self.reported.get(device)
             desired = self.desired[device]
-            state = device_state(
-                desired,
-                reported,
-                self.last_seen.get(device),
-                now,
-                self.settings.offline_after,
-                latest=latest,
+            state = (
+                "revoked"
+                if device in self.revoked
+                else device_state(
+                    desired,
+                    reported,
+                    self.last_seen.get(device),
+                    now,
+                    self.settings.offline_after,
+                    latest=latest,
+                )
             )
             if msg.state is not None and state != msg.state:
                 continue

@@ -29,7 +29,7 @@ from edgeward.enforcement.digest import EMPTY_DIGEST, combine, doc_digest, name_
 
 from .core import select_for
 
-STATES = ("in_sync", "pending", "drifted", "offline", "failed", "unknown")
+STATES = ("in_sync", "pending", "drifted", "offline", "failed", "unknown", "revoked")
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,9 @@ class Settings:
     collector_batch: int = 250  # commit after this many deliveries ...
     collector_batch_ms: float = 200.0  # ... or this long after a batch's first
     metrics_port: int = 0  # Prometheus /metrics (actors/metrics.py); 0: off
+    # Devices share one broker login (development): accept telemetry and
+    # heartbeats without a user_id (collector.Trust).
+    allow_shared_login: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,13 @@ class Enroll:
 
 
 @dataclass(frozen=True)
+class Revoke:
+    """CLI -> DeviceMirror and TelemetryCollector (-> its reader): the device is revoked."""
+
+    device: str
+
+
+@dataclass(frozen=True)
 class ListDevices:
     state: str | None = None
 
@@ -160,6 +170,7 @@ class Heartbeats:
 
     items: tuple[dict, ...]
     malformed: int = 0
+    refused: int = 0  # whose sender is not the device they name (collector.Trust)
 
 
 @dataclass(frozen=True)

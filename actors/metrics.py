@@ -22,6 +22,8 @@ Prometheus; per-device detail is ``edgeward devices``):
 ``edgeward_telemetry_rejected_total{reason}``  messages it refused, by reason
 ``edgeward_collector_restarts_total``       times its stream reader was restarted
 ``edgeward_collector_lag``                  stream tail offset - stored offset
+``edgeward_heartbeats_refused_total``       heartbeats not from the device they name
+``edgeward_heartbeats_malformed_total``     heartbeats that did not decode
 ``edgeward_telemetry_confirm_seconds``      devices' publish-to-confirm latency
                                             (histogram, from their heartbeats)
 ``edgeward_metrics_age_seconds``            how old the answers above are
@@ -280,6 +282,17 @@ class _Snapshot:
                 " offset (an upper bound on records not yet stored)",
                 self.lag,
             )
+        yield CounterMetricFamily(
+            "edgeward_heartbeats_refused",
+            "Heartbeats refused because their sender was not the device they name, or it is "
+            "revoked",
+            int(self.mirror.get("refused", 0)),
+        )
+        yield CounterMetricFamily(
+            "edgeward_heartbeats_malformed",
+            "Heartbeats that did not decode",
+            int(self.mirror.get("malformed", 0)),
+        )
         bounds = self.mirror.get("confirm_buckets") or []
         counts = self.mirror.get("confirm_counts") or []
         if bounds and len(counts) == len(bounds) + 1:

@@ -319,6 +319,7 @@ class Sender:
         rng: random.Random | None = None,
         clock: Callable[[], float],
         say: Callable[[str], None] = lambda line: None,
+        user_id: str | None = None,
     ) -> None:
         if window < 1 or rate <= 0 or jitter < 0:
             raise ValueError("window and rate must be positive, jitter not negative")
@@ -331,6 +332,7 @@ class Sender:
         self.rng = rng or random.Random()
         self.clock = clock
         self.say = say
+        self.user_id = user_id  # the device's broker login, stamped on every publish
         self.channel: Any = None
         self.draining = False  # the start delay after attach has passed
         self.sent = 0  # publishes, repeats included
@@ -424,6 +426,7 @@ class Sender:
                     content_type=CONTENT_TYPE,
                     delivery_mode=2,
                     message_id=f"{device}:{seq}",
+                    user_id=self.user_id,
                 ),
                 mandatory=True,
             )

@@ -99,6 +99,7 @@ class AgentShell:
         # and drops.  The simulator keeps none.
         self.outbox: Any = None
         self.confirm_latency: Any = None  # the Sender's ConfirmLatency, where one sends
+        self.user_id: str | None = None  # the device's own broker login, when it has one
 
     # -- the shell's three jobs: input -> event -> effects --------------------
 
@@ -138,7 +139,7 @@ class AgentShell:
                         topology.TELEMETRY_EXCHANGE,
                         topology.heartbeat_routing_key(self.device),
                         hb.encode(),
-                        pika.BasicProperties(content_type="application/cbor"),
+                        pika.BasicProperties(content_type="application/cbor", user_id=self.user_id),
                     )
                     self.heartbeats += 1
             case c.Report(level=level, text=text):

@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS devices (
     reported    TEXT,              -- JSON: the last heartbeat
     last_seen   REAL
 );
+CREATE TABLE IF NOT EXISTS revoked (
+    device     TEXT PRIMARY KEY,
+    revoked_at REAL NOT NULL
+);
 """
 
 
@@ -164,6 +168,14 @@ class Store:
             DeviceRow(r[0], json.loads(r[1]), r[2], json.loads(r[3]) if r[3] else None, r[4])
             for r in rows
         ]
+
+    def revoke(self, device: str, when: float) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO revoked (device, revoked_at) VALUES (?, ?)", (device, when)
+        )
+
+    def revoked(self) -> list[str]:
+        return [d for (d,) in self._db.execute("SELECT device FROM revoked ORDER BY device")]
 
     def save_reports(self, reports: Mapping[str, tuple[dict[str, Any], float]]) -> None:
         """Store many devices' last heartbeats in one transaction."""

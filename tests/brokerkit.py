@@ -107,6 +107,25 @@ class BrokerAdmin:
             if not (isinstance(cause, urllib.error.HTTPError) and cause.code == 404):
                 raise
 
+    def delete_users_of(self, vhost: str) -> list[str]:
+        """Delete the users (device users made by ``edgeward enroll``) whose
+        only permissions are on ``vhost``; guest and users others use stay."""
+        users = {p["user"] for p in self._get_or_none(f"/vhosts/{_q(vhost)}/permissions") or []}
+        deleted = []
+        for user in sorted(users - {"guest"}):
+            elsewhere = [
+                p
+                for p in self._get_or_none(f"/users/{_q(user)}/permissions") or []
+                if p["vhost"] != vhost
+            ]
+            if not elsewhere:
+                try:
+                    self.request("DELETE", f"/users/{_q(user)}")
+                    deleted.append(user)
+                except BrokerAdminError:
+                    pass  # gone already
+        return deleted
+
     def vhost_info(self, name: str) -> dict[str, Any] | None:
         """The vhost's description, or None if it does not exist."""
         return self._get_or_none(f"/vhosts/{_q(name)}")

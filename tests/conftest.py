@@ -67,7 +67,10 @@ def broker_admin() -> BrokerAdmin:
 def vhost(broker_admin: BrokerAdmin) -> Iterator[str]:
     """A fresh vhost ``edgeward-test-<hex>`` where guest may do anything.
 
-    Afterwards (pass or fail) its connections are closed and it is deleted.
+    Afterwards (pass or fail) the users whose only permissions are on it
+    (device users ``edgeward enroll`` made) are deleted, its connections are
+    closed, and it is deleted. (Users are global in RabbitMQ: two test runs
+    at once on one broker must not enrol the same device names.)
     """
     name = f"edgeward-test-{secrets.token_hex(6)}"
     broker_admin.create_vhost(name)
@@ -76,6 +79,7 @@ def vhost(broker_admin: BrokerAdmin) -> Iterator[str]:
         yield name
     finally:
         try:
+            broker_admin.delete_users_of(name)  # device users `edgeward enroll` made
             broker_admin.close_connections(name)
         finally:
             broker_admin.delete_vhost(name)

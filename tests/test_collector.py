@@ -68,7 +68,10 @@ class Device:
 
 
 def running_control_plane(home: Path, broker_url: str, **settings: Any) -> ControlPlane:
-    """The control plane's actors, started from this process."""
+    """The control plane's actors, started from this process. Its devices
+    share the test's login (:class:`Device` publishes as guest) unless a
+    test says ``allow_shared_login=False``."""
+    settings.setdefault("allow_shared_login", True)
     plane = ControlPlane(m.Settings(home=str(home), broker_url=broker_url, **settings), free_port())
     plane.start()
     wait_until(

@@ -31,7 +31,12 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def plane(tmp_path: Path, broker_url: str) -> Iterator[tuple[ControlPlane, int]]:
     port = free_port()
     plane = ControlPlane(
-        m.Settings(home=str(tmp_path / "home"), broker_url=broker_url, metrics_port=port),
+        m.Settings(
+            home=str(tmp_path / "home"),
+            broker_url=broker_url,
+            metrics_port=port,
+            allow_shared_login=True,  # Device publishes as guest
+        ),
         free_port(),
     )
     plane.start()
@@ -99,6 +104,7 @@ def test_collector_lag_is_the_stream_tail_less_the_stored_offset(
         metrics_port=port,
         collector_batch=1000,
         collector_batch_ms=600_000,
+        allow_shared_login=True,
     )
     cp = ControlPlane(settings, free_port())
     cp.start()

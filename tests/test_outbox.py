@@ -352,7 +352,7 @@ def test_sender_publishes_oldest_first_as_the_wire_contract_says_and_deletes_on_
         channel.published, ["alert", "log", "event"], strict=True
     ):
         assert (exchange, key, mandatory) == (
-            "edgeward.telemetry",
+            "edgeward.uplink",
             f"telemetry.{DEVICE}.{kind}",
             True,
         )

@@ -1,9 +1,21 @@
 """Broker administration over RabbitMQ's management HTTP API.
 
-Used for vhosts (the demo's, each test's) and, later, device users.  The API
-is on the node's management port (15672 by default, plugin
+Used for vhosts (the demo's, each test's) and device users.  The API is on
+the node's management port (15672 by default, plugin
 ``rabbitmq_management``); its URL is derived from an AMQP URL's host and
 credentials unless given.
+
+Why the HTTP API and not ``rabbitmqctl``: enrolment runs wherever the
+operator runs the CLI, usually not on a broker node (``rabbitmqctl`` needs
+the node's Erlang cookie and runs as the broker's OS user); the API needs
+only an administrator's login, works the same against every node of a
+cluster, and answers in JSON we can check.
+
+A device user (:func:`device_grants`): no configure rights; write only to
+the telemetry exchange, and there only routing keys
+``telemetry.<its user name>.<type>`` (a topic permission with RabbitMQ's
+``{username}`` expansion); read only the policy stream; at most one
+connection (user limit ``max-connections``); no tags (no management login).
 """
 
 from __future__ import annotations
@@ -16,6 +28,29 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from .errors import BrokerUnreachable
+
+#: What a device's broker user may do (see the module docstring).
+DEVICE_CONFIGURE = "^$"
+DEVICE_WRITE = r"^edgeward\.uplink$"
+DEVICE_READ = r"^edgeward\.policy$"
+DEVICE_TOPIC_EXCHANGE = "edgeward.uplink"
+DEVICE_TOPIC_WRITE = r"^telemetry\.{username}\.[a-z]+$"
+DEVICE_MAX_CONNECTIONS = 1
+
+
+def device_grants() -> dict[str, Any]:
+    """The permissions of a device user, as the API shows them."""
+    return {
+        "configure": DEVICE_CONFIGURE,
+        "write": DEVICE_WRITE,
+        "read": DEVICE_READ,
+        "topic": {
+            "exchange": DEVICE_TOPIC_EXCHANGE,
+            "write": DEVICE_TOPIC_WRITE,
+            "read": "^$",
+        },
+        "max-connections": DEVICE_MAX_CONNECTIONS,
+    }
 
 
 class ManagementAPI:
@@ -72,6 +107,91 @@ class ManagementAPI:
 
     def queue(self, vhost: str, name: str) -> dict[str, Any] | None:
         return self.request("GET", f"/queues/{self._q(vhost)}/{self._q(name)}")
+
+    # -- users -------------------------------------------------------------------
+
+    def user(self, name: str) -> dict[str, Any] | None:
+        return self.request("GET", f"/users/{self._q(name)}")
+
+    def put_device_user(self, vhost: str, name: str, password: str) -> None:
+        """Make (or reset) ``name`` as a device user of ``vhost``: new password,
+        the device grants, nothing else."""
+        self.request("PUT", f"/users/{self._q(name)}", {"password": password, "tags": ""})
+        self.set_permissions(vhost, name, DEVICE_CONFIGURE, DEVICE_WRITE, DEVICE_READ)
+        self.request(
+            "PUT",
+            f"/topic-permissions/{self._q(vhost)}/{self._q(name)}",
+            {"exchange": DEVICE_TOPIC_EXCHANGE, "write": DEVICE_TOPIC_WRITE, "read": "^$"},
+        )
+        self.request(
+            "PUT",
+            f"/user-limits/{self._q(name)}/max-connections",
+            {"value": DEVICE_MAX_CONNECTIONS},
+        )
+
+    def delete_user(self, name: str) -> bool:
+        """Delete ``name``; False when there was no such user."""
+        if self.user(name) is None:
+            return False
+        self.request("DELETE", f"/users/{self._q(name)}")
+        return True
+
+    def user_connections(self, name: str) -> list[str]:
+        """Names of the connections ``name`` holds on any node."""
+        conns = self.request("GET", "/connections?columns=name,user") or []
+        return [c["name"] for c in conns if c.get("user") == name]
+
+    def close_connections(self, names: list[str], reason: str) -> None:
+        """Close these connections (one already gone is fine)."""
+        for conn in names:
+            path = f"/connections/{self._q(conn)}"
+            self.request_with_headers("DELETE", path, {"X-Reason": reason})
+
+    def revoke_user(self, name: str, reason: str) -> tuple[bool, int]:
+        """Delete ``name`` first (no new login), then close what it still
+        holds (RabbitMQ closes a deleted user's connections itself, mostly).
+        Whether the user existed, and how many connections it had."""
+        held = self.user_connections(name)
+        existed = self.delete_user(name)
+        self.close_connections(self.user_connections(name), reason)
+        return existed, len(held)
+
+    def request_with_headers(self, method: str, path: str, headers: dict[str, str]) -> None:
+        req = urllib.request.Request(self.base + path, method=method)
+        req.add_header("Authorization", self._auth)
+        for key, value in headers.items():
+            req.add_header(key, value)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout):
+                pass
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:  # gone already: fine
+                detail = exc.read().decode(errors="replace")[:200]
+                raise RuntimeError(f"{method} {path}: HTTP {exc.code} {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise BrokerUnreachable([self.base], f"management API: {exc}") from None
+
+    def user_grants(self, vhost: str, name: str) -> dict[str, Any]:
+        """What ``name`` may do in ``vhost`` (the shape of :func:`device_grants`)."""
+        perms = self.request("GET", f"/permissions/{self._q(vhost)}/{self._q(name)}") or {}
+        topics = self.request("GET", f"/topic-permissions/{self._q(vhost)}/{self._q(name)}") or []
+        limits = self.request("GET", f"/user-limits/{self._q(name)}") or []
+        out: dict[str, Any] = {k: perms.get(k) for k in ("configure", "write", "read")}
+        out["topic"] = {k: topics[0][k] for k in ("exchange", "write", "read")} if topics else None
+        out["max-connections"] = limits[0]["value"].get("max-connections") if limits else None
+        return out
+
+
+def with_login(amqp_url: str, user: str, password: str) -> str:
+    """``amqp_url`` with another login (host, port, vhost and query kept)."""
+    parts = urlsplit(amqp_url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 def vhost_of(amqp_url: str) -> str:

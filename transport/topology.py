@@ -5,8 +5,11 @@
     stream from their own stored offset.  Retention by age and bytes.  (The
     exchange lets cheap per-device notify queues bind beside the stream
     later, if the simulator shows stream readers cost too much.)
-``edgeward.telemetry``  topic exchange, routing keys
-    ``telemetry.<device>.<kind>``.
+``edgeward.uplink``  topic exchange, routing keys
+    ``telemetry.<device>.<kind>``: everything devices send.  Named apart
+    from the stream it feeds: RabbitMQ permissions match exchange and queue
+    names alike, so a device allowed to publish to an exchange named like the
+    telemetry stream could also bind that stream to another exchange.
 ``edgeward.heartbeats``  classic queue bound to ``telemetry.*.heartbeat``:
     latest-wins state, bounded, oldest dropped first; the control plane
     consumes it.
@@ -28,7 +31,7 @@ from .errors import TopologyConflict
 
 POLICY_EXCHANGE = "edgeward.policy"
 POLICY_STREAM = "edgeward.policy"
-TELEMETRY_EXCHANGE = "edgeward.telemetry"
+TELEMETRY_EXCHANGE = "edgeward.uplink"
 HEARTBEAT_QUEUE = "edgeward.heartbeats"
 TELEMETRY_STREAM = "edgeward.telemetry"
 TELEMETRY_BINDINGS = ("telemetry.*.alert", "telemetry.*.log", "telemetry.*.event")
