@@ -134,7 +134,10 @@ class Demo:
                 "2",
             )
         for device, _ in DEVICES:
-            self.spawn(device, "agent", "run", "--config", str(self.home / f"{device}.json"))
+            events = self.events(device)
+            events.write_text("")
+            config = str(self.home / f"{device}.json")
+            self.spawn(device, "agent", "run", "--config", config, "--events-from", str(events))
 
         say("roll out the example policies")
         policies = sorted(
@@ -159,8 +162,30 @@ class Demo:
 
         self.watch_devices(berlin_moved, f"berlin is at revision {latest}, paris unchanged")
         self.run("policy", "history")
-        say("done: revision reached exactly the devices it selects")
+
+        say("someone runs curl on pos-0003: the agent blocks it and the alert goes up")
+        with self.events("pos-0003").open("a") as fh:
+            fh.write(json.dumps({"op": "exec", "path": "/usr/bin/curl", "source": "/bin/bash"}))
+            fh.write("\n")
+        deadline = time.monotonic() + DEADLINE
+        while not json.loads(self.run("alerts", "--json", show=False)):
+            if time.monotonic() > deadline:
+                raise SystemExit("demo: the alert did not reach the audit trail")
+            time.sleep(0.5)
+        self.run("alerts")
+
+        say("pos-0002 is stolen: revoke it (its broker user goes, its connection is closed)")
+        self.run("revoke", "pos-0002")
+        self.watch_devices(
+            lambda rows: any(r["device"] == "pos-0002" and r["state"] == "revoked" for r in rows),
+            "pos-0002 is revoked",
+        )
+        say("done: revisions reached exactly the devices they select; the alert arrived once")
         return 0
+
+    def events(self, device: str) -> Path:
+        """The file a device's agent judges events from (a stand-in for KubeArmor)."""
+        return self.home / f"{device}.events.jsonl"
 
     def stop(self) -> None:
         for proc in self.procs:
