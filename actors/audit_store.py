@@ -214,6 +214,17 @@ class AuditStore:
                 rows,
             )
             stored = db.total_changes - before
+            # Alerts stored by this batch, by severity and policy (offsets are
+            # unique per delivery, so the batch's range holds only its rows).
+            by_kind: list[tuple[Any, Any, int]] = []
+            if stored and records:
+                low = min(offset for offset, _ in records)
+                high = max(offset for offset, _ in records)
+                by_kind = db.execute(
+                    "SELECT severity, policy, count(*) FROM records WHERE stream_offset"
+                    " BETWEEN ? AND ? AND type = 'alert' GROUP BY severity, policy",
+                    (low, high),
+                ).fetchall()
             db.executemany(
                 "INSERT OR IGNORE INTO refused (stream_offset, routing_key, reason, detail, body,"
                 " stored) VALUES (?, ?, ?, ?, ?, ?)",
@@ -231,6 +242,8 @@ class AuditStore:
             )
             bumps = {"stored": stored, "duplicates": len(rows) - stored}
             bumps.update({f"refused:{reason}": n for reason, n in reasons.items()})
+            for sev, pol, n in by_kind:
+                bumps[f"alerts:{'none' if sev is None else sev}:{pol or ''}"] = n
             bumps.update(counters or {})
             db.executemany(
                 "INSERT INTO counters (name, value) VALUES (?, ?)"
@@ -249,11 +262,13 @@ class AuditStore:
     # -- queries -----------------------------------------------------------------
 
     def counters(self) -> dict[str, Any]:
-        """``{"stored": n, "duplicates": n, "refused": {reason: n}}``."""
-        out: dict[str, Any] = {"stored": 0, "duplicates": 0, "refused": {}}
+        """``{"stored": n, "duplicates": n, "refused": {reason: n},
+        "alerts": {"<severity>:<policy>": n}}``."""
+        out: dict[str, Any] = {"stored": 0, "duplicates": 0, "refused": {}, "alerts": {}}
         for name, value in self._db.execute("SELECT name, value FROM counters"):
-            if name.startswith("refused:"):
-                out["refused"][name.split(":", 1)[1]] = value
+            kind, _, rest = name.partition(":")
+            if kind in ("refused", "alerts") and rest:
+                out[kind][rest] = value
             else:
                 out[name] = value
         return out

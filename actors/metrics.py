@@ -17,7 +17,9 @@ Prometheus; per-device detail is ``edgeward devices``):
 ``edgeward_fleet_revision``                 the fleet's latest revision
 ``edgeward_outbox_records``                 records waiting in devices' outboxes
 ``edgeward_outbox_dropped{type}``           records devices report they dropped
+``edgeward_bundles_rejected{reason}``       bundles devices report they refused
 ``edgeward_telemetry_stored_total``         records the collector stored
+``edgeward_alerts_stored_total{severity, policy}``  alerts among them
 ``edgeward_telemetry_duplicates_total``     repeats it recognised and skipped
 ``edgeward_telemetry_rejected_total{reason}``  messages it refused, by reason
 ``edgeward_collector_restarts_total``       times its stream reader was restarted
@@ -240,6 +242,19 @@ class _Snapshot:
             "Telemetry records waiting in devices' outboxes, as last reported",
             sum(int(r.get("outbox") or 0) for r in self.rows),
         )
+        refused: Counter[str] = Counter()
+        for r in self.rows:
+            for reason, n in (r.get("rejected") or {}).items():
+                refused[str(reason)] += int(n)
+        bundles = GaugeMetricFamily(
+            "edgeward_bundles_rejected",
+            "Policy bundles devices refused (bad_signature, unknown_key, stale, ...), by reason, "
+            "summed over their last heartbeats",
+            labels=["reason"],
+        )
+        for reason in sorted(refused):
+            bundles.add_metric([reason], refused[reason])
+        yield bundles
         dropped: Counter[str] = Counter()
         for r in self.rows:
             for kind, n in (r.get("dropped") or {}).items():
@@ -270,6 +285,15 @@ class _Snapshot:
         for reason, n in sorted((c.get("refused") or {}).items()):
             rejected.add_metric([str(reason)], int(n))
         yield rejected
+        alerts = CounterMetricFamily(
+            "edgeward_alerts_stored",
+            "Alerts the collector stored, by severity and deciding policy",
+            labels=["severity", "policy"],
+        )
+        for key, n in sorted((c.get("alerts") or {}).items()):
+            severity, _, policy = str(key).partition(":")
+            alerts.add_metric([severity, policy], int(n))
+        yield alerts
         yield CounterMetricFamily(
             "edgeward_collector_restarts",
             "Times the collector's stream reader was restarted",

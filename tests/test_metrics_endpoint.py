@@ -75,6 +75,12 @@ def test_metrics_count_devices_by_state_and_telemetry_without_a_label_per_device
     assert metrics[("edgeward_devices_by_revision", (("revision", "0"),))] == 2
     assert metrics[("edgeward_fleet_revision", ())] == 0
     assert metrics[("edgeward_telemetry_duplicates_total", ())] == 0
+    # And the alert is counted by its severity and deciding policy
+    key = (
+        "edgeward_alerts_stored_total",
+        (("policy", "pos-block-network-tools"), ("severity", "5")),
+    )
+    assert metrics[key] == 1
     assert 0 <= metrics[("edgeward_metrics_age_seconds", ())] < 30
     # And no series names a device
     assert not any("device" in dict(labels) or "pos-0001" in str(labels) for _, labels in metrics)
@@ -151,7 +157,17 @@ def test_devices_confirm_latency_counts_from_heartbeats_add_up_in_one_histogram(
             ("pos-0002", fast, 0.021),
             ("pos-0002", slow, 45.0),
         ):
-            hb = Heartbeat(name, 0.0, 0, 0, "", "ok", confirms=confirms, confirm_seconds=seconds)
+            hb = Heartbeat(
+                name,
+                0.0,
+                0,
+                0,
+                "",
+                "ok",
+                rejected={"bad_signature": 2} if name == "pos-0002" else {},
+                confirms=confirms,
+                confirm_seconds=seconds,
+            )
             device.publish_raw(topology.heartbeat_routing_key(name), hb.encode())
     finally:
         device.close()
@@ -169,3 +185,5 @@ def test_devices_confirm_latency_counts_from_heartbeats_add_up_in_one_histogram(
     assert metrics[(bucket, (("le", "30.0"),))] == 6
     assert metrics[(bucket, (("le", "+Inf"),))] == 7
     assert metrics[("edgeward_telemetry_confirm_seconds_sum", ())] == pytest.approx(45.045)
+    # And the bundles devices refused are summed by reason, from their last heartbeats
+    assert metrics[("edgeward_bundles_rejected", (("reason", "bad_signature"),))] == 2
