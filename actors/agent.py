@@ -38,19 +38,23 @@ from urllib.parse import unquote, urlsplit
 from pika.adapters.select_connection import IOLoop, SelectConnection
 
 from edgeward.enforcement.backend import Backend, BackendError, BuiltinBackend
-from edgeward.transport.connection import Backoff, cancel_timer, quiet_pika, split_urls
+from edgeward.transport.connection import (
+    Backoff,
+    TLSSettings,
+    cancel_timer,
+    quiet_pika,
+    split_urls,
+)
 from edgeward.transport.signing import Verifier
 
 from . import core as c
 from .cache import AgentCache
 from .config import AgentConfig
 from .outbox import Outbox, Sender
-from .shell import AgentShell, Link
+from .shell import AgentShell, Link, TelemetryChannel
 
 TICK_SECONDS = 1.0
 OUTBOX_SUMMARY_SECONDS = 60.0
-DROP_REPORT_SECONDS = 60.0  # a drop report at most this often while connected
-TELEMETRY_CHANNEL_RETRY_SECONDS = 5.0
 TAG_PREFIX = "edgeward-rev:"  # the kubearmor backend's revision tag (not imported: grpc)
 
 
@@ -65,6 +69,13 @@ def make_backend(config: AgentConfig) -> Backend:
     from edgeward.enforcement.kubearmor.backend import KubeArmorBackend
 
     return KubeArmorBackend(settings)
+
+
+def tls_connection(tls: TLSSettings, params: Any, **kwargs: Any) -> SelectConnection:
+    """The agent's SelectConnection, with its own TLS settings put into the
+    parameters the link made from the URL."""
+    tls.apply(params)
+    return SelectConnection(params, **kwargs)
 
 
 class EventsReader:
@@ -217,12 +228,16 @@ def kubearmor_alert(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def login_of(config: AgentConfig) -> str | None:
-    """The device's own broker user (its name), or None for a shared login."""
+    """The device's own broker user (its name), or None for a shared login.
+    With ``tls_external`` the login is the certificate's CN, which the agent
+    checked at start to be the device name."""
+    if config.tls_external:
+        return config.device
     users = {unquote(urlsplit(u).username or "") for u in split_urls(config.broker_url)}
     return config.device if users == {config.device} else None
 
 
-class LocalEnforcer(AgentShell):
+class LocalEnforcer(TelemetryChannel, AgentShell):
     """Hosts one :class:`AgentCore` on a real device."""
 
     def __init__(
@@ -282,10 +297,13 @@ class LocalEnforcer(AgentShell):
         self._summarised: Counter[str] = Counter()
         self._drops_at = 0.0
         self._telemetry_channel: Any = None
+        # TLS from the config (docs/tls.md): files checked now, so that a bad
+        # setting stops the agent with a clear error instead of retrying.
+        self.tls = config.tls_settings().check(self.urls, login=config.device)
         self.link = Link(
             [self],
             self.urls,
-            SelectConnection,
+            functools.partial(tls_connection, self.tls),
             self.ioloop,
             name=f"edgeward-agent {config.device}",
             prefetch=config.prefetch,
@@ -344,42 +362,6 @@ class LocalEnforcer(AgentShell):
         super().detach(reason)
         self.sender.detach()
         self._telemetry_channel = None
-
-    def _open_telemetry_channel(self, connection: Any) -> None:
-        if connection is self.link.conn and self.link.is_open:
-            connection.channel(on_open_callback=self._on_telemetry_channel)
-
-    def _on_telemetry_channel(self, channel: Any) -> None:
-        if channel.connection is not self.link.conn:
-            return  # opened on a connection since given up
-        self._telemetry_channel = channel
-        channel.add_on_close_callback(self._on_telemetry_closed)
-        self._report_drops(force=True)  # what was dropped offline goes first
-        self.sender.attach(channel)
-
-    def _on_telemetry_closed(self, channel: Any, reason: Any) -> None:
-        if channel is not self._telemetry_channel:
-            return
-        self._telemetry_channel = None
-        self.sender.detach()
-        if self.link.is_open and self.link.wanted:
-            # e.g. 404: the telemetry exchange is not declared yet.  The
-            # records wait in the outbox; try a fresh channel in a while.
-            self.say(f"telemetry channel closed ({reason}); retrying")
-            conn = self.link.conn
-            self.ioloop.call_later(
-                TELEMETRY_CHANNEL_RETRY_SECONDS, lambda: self._open_telemetry_channel(conn)
-            )
-
-    def _report_drops(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now < self._drops_at:
-            return
-        record = self.outbox.report_drops(self.clock())
-        if record is not None:
-            self._drops_at = now + DROP_REPORT_SECONDS
-            dropped = ", ".join(f"{n} {k}" for k, n in sorted(record.body["dropped"].items()))
-            self.say(f"warning: outbox full: dropped {dropped} since first start")
 
     # -- events to judge (builtin backend, --events-from) ------------------------------
 

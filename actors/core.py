@@ -46,8 +46,8 @@ Rules
     brings a pending retry of a failed apply forward to now; with nothing
     pending it changes nothing.
 
-Telemetry records (only a core made with ``records=True``: the real agent;
-the simulator keeps no outbox and leaves it off)
+Telemetry records (only a core made with ``records=True``: the real agent,
+and the simulator's devices unless a scenario says ``telemetry = false``)
 
 12. What the core itself does that the control plane's audit trail must hold
     goes out as ``Emit(type="event", body)``, whose ``body["event"]`` names

@@ -96,7 +96,7 @@ class AgentShell:
         self.heartbeats = 0
         # The telemetry outbox (actors/outbox.py) of a host that keeps one:
         # the core's Emit effects go into it, and heartbeats report its depth
-        # and drops.  The simulator keeps none.
+        # and drops.  The simulator's devices keep an in-memory one.
         self.outbox: Any = None
         self.confirm_latency: Any = None  # the Sender's ConfirmLatency, where one sends
         self.user_id: str | None = None  # the device's own broker login, when it has one
@@ -356,3 +356,57 @@ def _from(urls: list[str], start: int):
     while True:
         yield urls[i % len(urls)]
         i += 1
+
+
+DROP_REPORT_SECONDS = 60.0  # a drop report at most this often while connected
+TELEMETRY_CHANNEL_RETRY_SECONDS = 5.0
+
+
+class TelemetryChannel:
+    """The telemetry half of a host: a second channel on the link's
+    connection, handed to the :class:`~edgeward.actors.outbox.Sender`, with
+    the outbox's drop reports going first, and a channel the broker closed
+    tried again later. Mixed into the real agent (LocalEnforcer) and the
+    simulator's devices, which provide ``link``, ``sender``, ``outbox``,
+    ``ioloop``, ``clock`` and ``say``."""
+
+    # Class defaults: most of a simulated fleet's devices never set them,
+    # and an attribute per device costs memory.
+    _telemetry_channel: Any = None
+    _drops_at = 0.0
+
+    def _open_telemetry_channel(self, connection: Any) -> None:
+        if connection is self.link.conn and self.link.is_open:
+            connection.channel(on_open_callback=self._on_telemetry_channel)
+
+    def _on_telemetry_channel(self, channel: Any) -> None:
+        if channel.connection is not self.link.conn:
+            return  # opened on a connection since given up
+        self._telemetry_channel = channel
+        channel.add_on_close_callback(self._on_telemetry_closed)
+        self._report_drops(force=True)  # what was dropped offline goes first
+        self.sender.attach(channel)
+
+    def _on_telemetry_closed(self, channel: Any, reason: Any) -> None:
+        if channel is not self._telemetry_channel:
+            return
+        self._telemetry_channel = None
+        self.sender.detach()
+        if self.link.is_open and self.link.wanted:
+            # e.g. 404: the telemetry exchange is not declared yet.  The
+            # records wait in the outbox; try a fresh channel in a while.
+            self.say(f"telemetry channel closed ({reason}); retrying")
+            conn = self.link.conn
+            self.ioloop.call_later(
+                TELEMETRY_CHANNEL_RETRY_SECONDS, lambda: self._open_telemetry_channel(conn)
+            )
+
+    def _report_drops(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._drops_at:
+            return
+        record = self.outbox.report_drops(self.clock())
+        if record is not None:
+            self._drops_at = now + DROP_REPORT_SECONDS
+            dropped = ", ".join(f"{n} {k}" for k, n in sorted(record.body["dropped"].items()))
+            self.say(f"warning: outbox full: dropped {dropped} since first start")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .digest import EMPTY_DIGEST, state_digest
 
-if TYPE_CHECKING:  # the evaluator is imported on first use: the simulator never judges events
+if TYPE_CHECKING:  # the evaluator is imported on first use: most backends never judge events
     from .evaluator import CompiledPolicies, Decision, Event
 
 #: No revisions known yet: one empty map shared by every backend (the
@@ -42,7 +42,7 @@ class Backend(Protocol):
         ``digest``, when given, is the caller's digest of exactly these
         documents (from the signed per-policy digests of the bundle).
         ``revision``, when given, is the edgeward revision they come with (a
-        backend may tag or remember it; the simulator leaves it out)."""
+        backend may tag or remember it)."""
         ...
 
     @property
@@ -57,9 +57,10 @@ class BuiltinBackend:
     devices without KubeArmor (``edgeward agent run --events-from``).
 
     The evaluator's index is built on the first :meth:`evaluate` after an
-    apply, so a backend that never judges an event (the simulator's) never
-    pays for it.  With ``revision`` given to :meth:`apply` it remembers, per
-    policy, the revision that brought its current content, which alerts name.
+    apply, so a backend that never judges an event never pays for it (the
+    simulator's devices share one index per set instead: simulator/telemetry.py).
+    With ``revision`` given to :meth:`apply` it remembers, per policy, the
+    revision that brought its current content, which alerts name.
     """
 
     name = "builtin"

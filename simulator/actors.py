@@ -8,6 +8,10 @@
   simulated devices in an asyncio loop.  The loop runs in slices of
   ``SLICE`` seconds from ``wakeupAfter``, so Thespian serves messages
   between slices and no thread runs behind its back.
+* :class:`TelemetryCounter` — one per edgeward phase, in a process of its
+  own: reads the phase's ``edgeward.telemetry`` stream from its first record
+  to the end of the phase and counts what reached it (distinct (device, seq),
+  and each record's end-to-end latency), in slices like a shard.
 
 Shards could sit on other hosts: the director asks for them with the
 ``edgeward-sim-worker`` capability, which any host joining the convention can
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -29,10 +34,12 @@ from thespian.actors import ActorExitRequest, ActorTypeDispatcher, WakeupMessage
 
 from edgeward.transport import topology
 from edgeward.transport.connection import connect_blocking
+from edgeward.transport.errors import BrokerUnreachable
 from edgeward.transport.signing import Signer
 
 from . import model
 from .shard import Shard, ShardConfig
+from .telemetry import StreamTally
 
 SLICE = 0.1
 # A zero delay would starve Thespian's socket reads (the wakeup is always
@@ -40,6 +47,17 @@ SLICE = 0.1
 RESUME = timedelta(milliseconds=2)
 REPORT_EVERY = 1.0
 SCRAPE_EVERY = 2.0
+# The telemetry counter: its prefetch and how often it acks (a stream
+# consumer gets no more than its prefetch unacknowledged); at the end, it
+# reads on until the stream was quiet this long, or the limit passed.
+COUNTER_PREFETCH = 2000
+COUNTER_ACK_EVERY = 500
+COUNTER_RETRY = 2.0
+FINISH_QUIET = 1.0
+FINISH_LIMIT = 15.0
+# How long the director waits for the counter's final count before it ends
+# the phase without it.
+FINISH_PATIENCE = 30.0
 
 # -- messages -------------------------------------------------------------------
 
@@ -95,6 +113,24 @@ class ShardReport:
     final: dict | None = None
 
 
+@dataclass(frozen=True)
+class CountTelemetry:
+    urls: tuple[str, ...]  # the phase's nodes, with its vhost
+
+
+@dataclass(frozen=True)
+class FinishCount:
+    pass
+
+
+@dataclass(frozen=True)
+class TelemetryCount:
+    counts: dict  # StreamTally.counts()
+    latency_ms: dict | None = None  # with the final count: StreamTally.latency_ms()
+    errors: dict = field(default_factory=dict)  # connection failures by kind
+    final: bool = False
+
+
 @dataclass
 class PhaseResult:
     mode: str
@@ -109,6 +145,8 @@ class PhaseResult:
     heartbeats: int = 0
     base_rss: int = 0
     notes: list = field(default_factory=list)
+    telemetry: dict = field(default_factory=dict)  # the devices' outboxes at the end, summed
+    telemetry_stream: TelemetryCount | None = None  # what the counter read
 
 
 # -- the worker shard -------------------------------------------------------------
@@ -145,6 +183,8 @@ class WorkerShard(ActorTypeDispatcher):
             shard.restore()
         elif msg.kind == "churn":
             shard.start_churn()
+        elif msg.kind == "quiet":
+            shard.stop_alerts()
         elif msg.kind == "latest":
             shard.set_latest(*msg.arg)
         elif msg.kind == "node-down":
@@ -187,6 +227,121 @@ class WorkerShard(ActorTypeDispatcher):
             self.loop.close()
 
 
+# -- the telemetry counter ----------------------------------------------------------
+
+
+class TelemetryCounter(ActorTypeDispatcher):
+    """Reads the phase's telemetry stream from its start and tallies it.
+
+    Each message is stamped with the time it was read, in the callback pika
+    dispatches as it reads the socket (the loop runs in slices of ``SLICE``
+    blocking in pika's own select), and counted by :class:`StreamTally`.
+    A lost connection is reopened on any node, from the offset after the
+    last one read; repeats are deduplicated anyway.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tally = StreamTally()
+        self.urls: list[str] = []
+        self.director: Any = None
+        self.conn: Any = None
+        self.offset: int | str = "first"
+        self.unacked = 0
+        self.retry_at = 0.0
+        self.next_report = 0.0
+        self.last_read = 0.0
+        self.finish_by: float | None = None
+        self.finish_to: Any = None
+        self.errors: Counter[str] = Counter()
+
+    def receiveMsg_CountTelemetry(self, msg: CountTelemetry, sender: Any) -> None:
+        self.urls, self.director = list(msg.urls), sender
+        self.parent_pid = os.getppid()
+        self._connect()
+        self.next_report = time.monotonic() + REPORT_EVERY
+        self.wakeupAfter(RESUME)
+
+    def _connect(self) -> None:
+        try:
+            conn = connect_blocking(self.urls, name="edgeward-sim-telemetry-counter")
+            channel = conn.channel()
+            channel.basic_qos(prefetch_count=COUNTER_PREFETCH)
+            channel.basic_consume(
+                topology.TELEMETRY_STREAM,
+                self._on_message,
+                arguments={"x-stream-offset": self.offset},
+            )
+        except (BrokerUnreachable, pika.exceptions.AMQPError, OSError) as exc:
+            self.errors[type(exc).__name__] += 1
+            self.retry_at = time.monotonic() + COUNTER_RETRY
+            return
+        self.conn = conn
+        self.unacked = 0
+
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        now = time.time()
+        offset = (properties.headers or {}).get("x-stream-offset")
+        if isinstance(offset, int):
+            self.offset = offset + 1
+        self.tally.add(body, now)
+        self.last_read = time.monotonic()
+        self.unacked += 1
+        if self.unacked >= COUNTER_ACK_EVERY:
+            channel.basic_ack(method.delivery_tag, multiple=True)
+            self.unacked = 0
+
+    def receiveMsg_FinishCount(self, msg: FinishCount, sender: Any) -> None:
+        now = time.monotonic()
+        self.finish_to = sender
+        self.finish_by = now + FINISH_LIMIT
+        self.last_read = now  # read at least FINISH_QUIET more
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        if self.director is None:
+            return
+        if os.getppid() != self.parent_pid:
+            os._exit(0)  # the director's process is gone
+        if self.conn is None:
+            if time.monotonic() >= self.retry_at:
+                self._connect()
+            else:
+                time.sleep(SLICE)
+        else:
+            try:
+                self.conn.process_data_events(time_limit=SLICE)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self.errors[type(exc).__name__] += 1
+                self._close()
+        now = time.monotonic()
+        if self.finish_by is not None:
+            if now - self.last_read >= FINISH_QUIET or now >= self.finish_by:
+                self._close()
+                self.send(
+                    self.finish_to,
+                    TelemetryCount(
+                        self.tally.counts(),
+                        latency_ms=self.tally.latency_ms(),
+                        errors=dict(self.errors),
+                        final=True,
+                    ),
+                )
+                self.director = None
+                return
+        elif now >= self.next_report:
+            self.next_report = now + REPORT_EVERY
+            self.send(self.director, TelemetryCount(self.tally.counts(), errors=dict(self.errors)))
+        self.wakeupAfter(RESUME)
+
+    def _close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
 # -- the director -------------------------------------------------------------------
 
 
@@ -206,6 +361,10 @@ class SimulationDirector(ActorTypeDispatcher):
         self.next_scrape = 0.0
         self.waiting_end: Any = None
         self.probes_sent: dict[int, float] = {}
+        self.counter: Any = None  # the phase's TelemetryCounter (edgeward phase)
+        self.counted: TelemetryCount | None = None  # its latest count
+        self.counted_final: TelemetryCount | None = None
+        self.count_deadline: float | None = None
 
     def _t(self, when: float | None = None) -> float:
         assert self.phase is not None
@@ -223,6 +382,12 @@ class SimulationDirector(ActorTypeDispatcher):
         if msg.metrics_urls:
             self._scrape()  # the idle broker, before any device connects
         self.shards = []
+        self.counter, self.counted, self.counted_final = None, None, None
+        self.count_deadline = None
+        if msg.mode == "edgeward":
+            # Reading from the stream's start before any device connects.
+            self.counter = self.createActor(TelemetryCounter)
+            self.send(self.counter, CountTelemetry(msg.urls))
         for number, config in enumerate(msg.configs):
             shard = self.createActor(WorkerShard)
             self.shards.append(shard)
@@ -314,6 +479,24 @@ class SimulationDirector(ActorTypeDispatcher):
             self.finals[msg.shard] = msg.final
             self._maybe_finish()
 
+    def receiveMsg_TelemetryCount(self, msg: TelemetryCount, sender: Any) -> None:
+        if msg.final:
+            self.counted_final = msg
+            self._maybe_finish()
+        else:
+            self.counted = msg
+
+    def _telemetry(self) -> dict[str, Any]:
+        """The shards' outboxes summed, and what the counter read so far."""
+        out: dict[str, Any] = {}
+        for d in self.last.values():
+            for key, n in d.get("telemetry", {}).items():
+                out[key] = out.get(key, 0) + n
+        if self.counter is not None:
+            counted = self.counted_final or self.counted
+            out["received"] = counted.counts.get("received", 0) if counted else 0
+        return out
+
     def _totals(self) -> dict[str, Any]:
         keys = (
             "devices",
@@ -333,6 +516,7 @@ class SimulationDirector(ActorTypeDispatcher):
             for kind, n in d.get("errors", {}).items():
                 errors[kind] = errors.get(kind, 0) + n
         totals["errors"] = errors
+        totals["telemetry"] = self._telemetry()
         return totals
 
     def receiveMsg_Progress(self, msg: Progress, sender: Any) -> None:
@@ -354,7 +538,9 @@ class SimulationDirector(ActorTypeDispatcher):
         if self.phase is None or self.result is None:
             return
         now = time.monotonic()
-        if now >= self.next_sample and self.last:
+        # Once shards report their final counts the fleet is stopping (and
+        # may wait on the telemetry counter): that is no sample of it running.
+        if now >= self.next_sample and self.last and not self.finals:
             self.next_sample = now + REPORT_EVERY
             t = self._totals()
             self.result.samples.append(
@@ -378,6 +564,16 @@ class SimulationDirector(ActorTypeDispatcher):
                 self.publish_conn.process_data_events(time_limit=0)
             except (pika.exceptions.AMQPError, OSError):
                 self.publish_conn = None
+        if self.count_deadline is not None and now >= self.count_deadline:
+            # The counter did not answer: end the phase with its last count.
+            self.counted_final = TelemetryCount(
+                self.counted.counts if self.counted else {},
+                errors={"counter_did_not_answer": 1},
+                final=True,
+            )
+            self._maybe_finish()
+            if self.phase is None:
+                return
         self.wakeupAfter(0.25)
 
     def _scrape(self) -> None:
@@ -412,6 +608,12 @@ class SimulationDirector(ActorTypeDispatcher):
     def _maybe_finish(self) -> None:
         if self.waiting_end is None or len(self.finals) < len(self.shards):
             return
+        if self.counter is not None and self.counted_final is None:
+            # Every device has stopped: the counter reads what is left, then answers.
+            if self.count_deadline is None:
+                self.count_deadline = time.monotonic() + FINISH_PATIENCE
+                self.send(self.counter, FinishCount())
+            return
         assert self.result is not None
         totals = self._totals()
         r = self.result
@@ -424,9 +626,14 @@ class SimulationDirector(ActorTypeDispatcher):
         for number in sorted(self.finals):
             r.revisions.extend(self.finals[number]["revisions"])
             r.online.extend(self.finals[number]["online"])
+        r.telemetry = self._telemetry()
+        r.telemetry_stream = self.counted_final
         for shard in self.shards:
             self.send(shard, ActorExitRequest())
         self.shards = []
+        if self.counter is not None:
+            self.send(self.counter, ActorExitRequest())
+            self.counter, self.count_deadline = None, None
         if self.publish_conn is not None:
             try:
                 self.publish_conn.close()

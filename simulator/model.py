@@ -113,11 +113,22 @@ class RunData:
     messages_expected: int = 0
     messages_received: int = 0
     heartbeats_sent: int = 0
-    # Telemetry arithmetic (once the telemetry path lands): records devices
-    # produced = received by the collector + dropped and reported.
+    # Telemetry arithmetic: records devices put in their outboxes (alerts,
+    # the core's events, drop reports) = distinct (device, seq) read from the
+    # telemetry stream + records the outboxes dropped (and report).
     telemetry_sent: int = 0
     telemetry_received: int = 0
     telemetry_dropped_reported: int = 0
+    telemetry_alerts: int = 0  # of the records sent, alerts
+    telemetry_waiting: int = 0  # still in outboxes when the run ended
+    telemetry_waiting_offline: int = 0  # of those, on devices meant offline then
+    telemetry_duplicates: int = 0  # records read again (resent after a lost confirm)
+    # Whether every online device's outbox was empty and the stream had
+    # everything before the end (None: no telemetry, or not waited for).
+    telemetry_drained: bool | None = None
+    # End-to-end latency of the records read (device's record time -> read
+    # from the stream; one clock): p50, p90, p99, max in ms, and count.
+    telemetry_latency_ms: dict[str, float | None] = field(default_factory=dict)
     # RSS of the worker processes before their devices were made: what the
     # per-device figure is measured above.
     client_base_rss_bytes: int = 0

@@ -10,7 +10,9 @@ The run, in order:
    published and their fan-out timed;
 3. the edgeward phase: the same fleet with the real agent core; after the
    ramp, the scenario's timeline runs (times are seconds after the ramp),
-   for ``duration`` seconds; then a short settle;
+   for ``duration`` seconds; then a short settle; then devices stop raising
+   alerts and the run waits (at most ``DRAIN_LIMIT``) for their telemetry
+   outboxes to drain onto the stream, which a counter reads throughout;
 4. the report (``report.json``, ``report.md``, charts) in ``--report DIR``,
    also after Ctrl-C (marked partial).
 """
@@ -48,6 +50,10 @@ SETTLE = 5.0
 API_TIMEOUT = 60.0  # one management API request, seconds
 API_PATIENCE = 300.0  # how long a busy management API is waited for
 STORM_LIMIT = 300.0  # how long a reconnect storm is waited for, each phase
+# How long the outboxes are given to drain at the end.  A backlog larger than
+# the sender's window starts after a random delay of up to the agent's drain
+# jitter (60 s), then goes at its rate (100 records/s).
+DRAIN_LIMIT = 120.0
 PROBES = 3
 
 
@@ -363,6 +369,9 @@ class Runner:
                     offline_fraction=s.offline_fraction,
                     mean_offline=s.mean_offline,
                     seed=w,
+                    telemetry=s.telemetry,
+                    alert_rate=s.alert_rate,
+                    outbox_max_records=s.outbox_max_records,
                 )
             )
         return tuple(configs)
@@ -391,6 +400,12 @@ class Runner:
             f"/{p.get('online', 0):<6} in sync {p.get('in_sync', 0):>6}  "
             f"errors {errors:<5} unexpected closes {p.get('unexpected_closes', 0)}"
         )
+        tel = p.get("telemetry", {})
+        if tel.get("sent"):
+            line += (
+                f"  telemetry {tel.get('received', 0)}/{tel['sent']} read"
+                f" ({tel.get('waiting', 0)} waiting, {tel.get('dropped', 0)} dropped)"
+            )
         if sys.stdout.isatty():
             sys.stdout.write("\r" + line)
             sys.stdout.flush()
@@ -578,10 +593,41 @@ class Runner:
                     "settling",
                     until=lambda p: p.get("in_sync", 0) >= p.get("online", 1),
                 )
+            self._drain_telemetry(run)
             run.completed = True
         finally:
             result = self._end_phase(end)
             self._fold(run, result, policies.revision)
+
+    def _drain_telemetry(self, run: model.RunData) -> None:
+        """Devices stop raising alerts; wait until every online device's
+        outbox is empty and the stream holds all that was not dropped."""
+        from .actors import Command
+
+        if not self.scenario.telemetry:
+            return
+        self.ask(Command("quiet"))
+
+        def drained(p: dict) -> bool:
+            t = p.get("telemetry", {})
+            online_waiting = t.get("waiting", 0) - t.get("waiting_offline", 0)
+            read = t.get("received", 0) + t.get("dropped", 0) + t.get("waiting", 0)
+            return online_waiting == 0 and read >= t.get("sent", 0)
+
+        # Shards and the counter report once a second: let both see the quiet.
+        self._wait(1.5, "telemetry: quiet")
+        p = self._wait(DRAIN_LIMIT, "telemetry: draining", until=drained)
+        t = p.get("telemetry", {})
+        if not t.get("sent"):
+            return  # nothing to drain: not exercised
+        run.telemetry_drained = drained(p)
+        if not run.telemetry_drained:
+            run.notes.append(
+                f"Telemetry: the outboxes did not drain within {DRAIN_LIMIT:g} s of the end "
+                f"({t.get('waiting', 0) - t.get('waiting_offline', 0)} records still waiting "
+                f"on online devices; {t.get('received', 0)} of {t['sent']} read from the "
+                "stream then)."
+            )
 
     def _restart_node(self, node: int, run: model.RunData) -> None:
         from .actors import Command
@@ -617,6 +663,25 @@ class Runner:
         run.messages_expected = len(online) * latest
         run.messages_received = sum(min(rev, latest) for rev in online)
         run.notes.extend(result.notes)
+        tel = result.telemetry
+        run.telemetry_sent = tel.get("sent", 0)
+        run.telemetry_alerts = tel.get("alerts", 0)
+        run.telemetry_dropped_reported = tel.get("dropped", 0)
+        run.telemetry_waiting = tel.get("waiting", 0)
+        run.telemetry_waiting_offline = tel.get("waiting_offline", 0)
+        counted = result.telemetry_stream
+        if counted is not None:
+            run.telemetry_received = counted.counts.get("received", 0)
+            run.telemetry_duplicates = counted.counts.get("duplicates", 0)
+            run.telemetry_latency_ms = dict(counted.latency_ms or {})
+            if counted.counts.get("malformed"):
+                run.notes.append(
+                    f"Telemetry: {counted.counts['malformed']} messages on the stream "
+                    "were not records."
+                )
+            if counted.errors:
+                failures = ", ".join(f"{k} {n}" for k, n in sorted(counted.errors.items()))
+                run.notes.append(f"Telemetry counter: connection failures ({failures}).")
 
     # -- the whole run --------------------------------------------------------------------
 

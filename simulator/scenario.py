@@ -5,7 +5,10 @@ name = "smoke"
 devices = 200               # fleet size (``--devices`` overrides)
 duration = 30               # seconds, from the first connect attempt
 heartbeat_interval = 10     # seconds between a device's heartbeats
-alert_rate = 0.0            # alerts per device per second (telemetry path; 0 = none)
+telemetry = true            # devices keep a telemetry outbox and a channel to drain it,
+                            # as agents do (false: the policy path alone, lighter)
+alert_rate = 0.0            # alerts per device per second (Poisson), sent as telemetry
+outbox_max_records = 10000  # each device's telemetry outbox bound (the agent's default)
 verify = "every"            # "every" device verifies every bundle, or "cached" per worker
 baseline = true             # measure the raw broker floor first (devices that only ack)
 workers = 0                 # worker processes; 0 = one per 5,000 devices
@@ -41,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeward.actors.outbox import DEFAULT_MAX_RECORDS
+
 ACTIONS = ("apply", "restart-node", "cut", "restore")
 
 
@@ -64,7 +69,9 @@ class Scenario:
     devices: int
     duration: float
     heartbeat_interval: float = 10.0
+    telemetry: bool = True
     alert_rate: float = 0.0
+    outbox_max_records: int = DEFAULT_MAX_RECORDS
     verify: str = "every"
     baseline: bool = True
     workers: int = 0
@@ -111,7 +118,9 @@ KNOWN = {
     "devices",
     "duration",
     "heartbeat_interval",
+    "telemetry",
     "alert_rate",
+    "outbox_max_records",
     "verify",
     "baseline",
     "workers",
@@ -173,6 +182,9 @@ def parse(text: str, source: str = "<scenario>") -> Scenario:
         if step.selector != "*" and "=" not in step.selector:
             raise ScenarioError(f'{where}: selector must be "*" or key=value')
         steps.append(step)
+    telemetry = _get(data, "telemetry", bool, w, True)
+    if not telemetry and data.get("alert_rate", 0):
+        raise ScenarioError(f"{w}: `alert_rate` needs `telemetry = true` (alerts are telemetry)")
     return Scenario(
         name=_get(data, "name", str, w, Path(source).stem),
         devices=devices,
@@ -180,8 +192,16 @@ def parse(text: str, source: str = "<scenario>") -> Scenario:
         heartbeat_interval=_positive(
             _get(data, "heartbeat_interval", float, w, 10.0), "heartbeat_interval", w
         ),
+        telemetry=telemetry,
         alert_rate=_positive(
             _get(data, "alert_rate", float, w, 0.0), "alert_rate", w, zero_ok=True
+        ),
+        outbox_max_records=int(
+            _positive(
+                _get(data, "outbox_max_records", int, w, DEFAULT_MAX_RECORDS),
+                "outbox_max_records",
+                w,
+            )
         ),
         verify=verify,
         baseline=_get(data, "baseline", bool, w, True),

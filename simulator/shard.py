@@ -3,8 +3,11 @@
 Each :class:`SimDevice` is the real :class:`~edgeward.actors.shell.AgentShell`
 around the real agent core, with the ``builtin`` backend and an in-memory
 cache; each has its own AMQP connection (pika ``AsyncioConnection``), or
-shares one with ``share`` others.  :class:`RawDevice` is the broker floor:
-the same connection and stream consumer, but it only acks.
+shares one with ``share`` others.  Like the agent it keeps a telemetry outbox
+(in memory, see ``telemetry.py``), drained by the agent's own sender over a
+second, confirm-mode channel of its connection; it raises alerts at the
+scenario's rate.  :class:`RawDevice` is the broker floor: the same
+connection and stream consumer, but it only acks.
 
 The :class:`Shard` knows nothing of Thespian: the WorkerShard actor drives
 its loop in slices, and tests can drive it directly.
@@ -26,14 +29,16 @@ from typing import Any
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from edgeward.actors import core as c
-from edgeward.actors.shell import AgentShell, Link, MemoryCache
-from edgeward.enforcement.backend import BuiltinBackend
+from edgeward.actors.outbox import DEFAULT_MAX_RECORDS, Sender
+from edgeward.actors.shell import AgentShell, Link, MemoryCache, TelemetryChannel
+from edgeward.enforcement.evaluator import Event
 from edgeward.enforcement.selector import selects
 from edgeward.transport import topology
 from edgeward.transport.connection import Backoff, quiet_pika
 from edgeward.transport.signing import CachingVerifier, Verifier
 
 from .scenario import device_name
+from .telemetry import ALERT_EVENT, MemoryOutbox, SimBackend, agent_default
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -86,17 +91,79 @@ class ShardConfig:
     # attempt over this many seconds, like agents whose uplink returns.
     reconnect_spread: float = 0.0
     seed: int = 0
+    # Telemetry (edgeward mode): each device keeps an outbox drained over a
+    # second channel, as the agent does; it raises ``alert_rate`` alerts per
+    # second (Poisson) while its policies block ALERT_EVENT.
+    telemetry: bool = True
+    alert_rate: float = 0.0
+    outbox_max_records: int = DEFAULT_MAX_RECORDS
 
 
-class SimDevice(AgentShell):
-    def __init__(self, shard: Shard, index: int, core: c.AgentCore) -> None:
-        super().__init__(core, BuiltinBackend(), MemoryCache())
+class SimDevice(TelemetryChannel, AgentShell):
+    """One simulated device: the agent's shell, core, builtin backend and, as
+    the agent does, a telemetry outbox drained over a second channel."""
+
+    def __init__(
+        self, shard: Shard, index: int, core: c.AgentCore, outbox: MemoryOutbox | None = None
+    ) -> None:
+        super().__init__(core, SimBackend(), MemoryCache())
         self.shard = shard
         self.index = index
         self.online_since = 0.0
+        self.sender: Sender | None = None
+        if outbox is not None:
+            # The agent's outbox settings and sender, on the shard's loop; one
+            # random source per shard (a Random each would cost 2.5 KB a device).
+            self.outbox = outbox
+            self.sender = Sender(
+                outbox,
+                shard.loop,
+                window=agent_default("telemetry_window"),
+                rate=agent_default("telemetry_rate"),
+                jitter=agent_default("telemetry_drain_jitter_s"),
+                rng=shard.rng,
+                clock=time.monotonic,
+            )
+            # Publish-to-confirm times go out in heartbeats, where the sender keeps them.
+            self.confirm_latency = getattr(self.sender, "latency", None)
+
+    @property
+    def ioloop(self) -> asyncio.AbstractEventLoop:
+        return self.shard.loop
+
+    def put_in_force(self, policies: Sequence[Any], digest: str, revision: int) -> str:
+        # As the agent does: alerts name the revision in force.
+        return self.backend.apply(policies, digest, revision=revision)
 
     def applied(self, revision: int, policies: Sequence[Any]) -> None:
         self.shard.record_apply(self, revision)
+
+    # -- telemetry, as the agent keeps it -------------------------------------------
+
+    def judge(self, event: Event) -> None:
+        """One event seen on the device (as the agent judges ``--events-from``
+        lines): an alert in the outbox if the policies in force audit or block it."""
+        backend: SimBackend = self.backend  # type: ignore[assignment]
+        decision = backend.evaluate(event)
+        if decision.action in ("Audit", "Block") and self.outbox is not None:
+            self.outbox.accept("alert", backend.alert(event, decision), self.clock())
+            self.shard.alerts += 1
+
+    def attach(self, channel: Any, prefetch: int) -> None:
+        super().attach(channel, prefetch)
+        if self.sender is not None:
+            self._open_telemetry_channel(channel.connection)
+
+    def detach(self, reason: str) -> None:
+        super().detach(reason)
+        if self.sender is not None:
+            self.sender.detach()
+            self._telemetry_channel = None
+
+    def tick(self) -> None:
+        super().tick()
+        if self.sender is not None and self.sender.draining:
+            self._report_drops()
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         started = time.thread_time()  # CPU, not wall: other processes share the cores
@@ -175,14 +242,21 @@ class Shard:
             if config.mode == "raw":
                 self.devices.append(RawDevice(self, index))
             else:
+                telemetry = config.telemetry
                 core = c.AgentCore(
                     device_name(index),
                     labels,
                     verifier,  # type: ignore[arg-type]
                     heartbeat_interval=config.heartbeat_interval,
                     shared=self.shared,
+                    records=telemetry,
                 )
-                self.devices.append(SimDevice(self, index, core))
+                outbox = (
+                    MemoryOutbox(core.device, max_records=config.outbox_max_records)
+                    if telemetry
+                    else None
+                )
+                self.devices.append(SimDevice(self, index, core, outbox))
         self.links: list[Link] = []
         group = max(1, config.share)
         for start in range(0, len(self.devices), group):
@@ -218,6 +292,12 @@ class Shard:
         self._offline: dict[int, asyncio.TimerHandle] = {}  # link index -> return timer
         self._ramp_task: asyncio.Task | None = None
         self._churn_task: asyncio.Task | None = None
+        # Alerts: one Poisson process per device, drawn as their sum (below).
+        self.alert_rng = random.Random(f"alerts-{config.seed}")
+        self.alerts = 0  # alert records devices put in their outboxes
+        self._alert_timer: asyncio.TimerHandle | None = None
+        self._alerting: list[SimDevice] = []
+        self._next_alert = 0.0  # loop time of the next alert
         self.cpu0 = self._cpu()
         # Thousands of long-lived devices: keep the collector off them.
         gc.collect()
@@ -231,6 +311,7 @@ class Shard:
                 device.start()
         self._ramp_task = self.loop.create_task(self._ramp())
         self.loop.call_later(1.0, self._tick)
+        self.start_alerts()
 
     async def _ramp(self) -> None:
         interval = 1.0 / self.config.ramp_rate if self.config.ramp_rate > 0 else 0.0
@@ -248,6 +329,40 @@ class Shard:
         for device in self.devices:
             device.tick()
         self.loop.call_later(1.0, self._tick)
+
+    # -- alerts --------------------------------------------------------------------
+
+    def start_alerts(self) -> None:
+        """Each device raises alerts at ``alert_rate`` per second, a Poisson
+        process of its own, online or not (an offline device's alerts wait in
+        its outbox).
+
+        n independent Poisson processes of rate r are, together, one of rate
+        n*r whose every event belongs to a device drawn uniformly: drawn that
+        way, the shard needs one timer instead of one per device.
+        """
+        devices = [d for d in self.devices if isinstance(d, SimDevice) and d.outbox is not None]
+        rate = self.config.alert_rate * len(devices)
+        if rate <= 0 or self._alert_timer is not None:
+            return
+        self._alerting = devices
+        self._next_alert = self.loop.time() + self.alert_rng.expovariate(rate)
+        self._alert_timer = self.loop.call_at(self._next_alert, self._alert)
+
+    def _alert(self) -> None:
+        devices = self._alerting
+        rate = self.config.alert_rate * len(devices)
+        now = self.loop.time()
+        while self._next_alert <= now:
+            devices[self.alert_rng.randrange(len(devices))].judge(ALERT_EVENT)
+            self._next_alert += self.alert_rng.expovariate(rate)
+        self._alert_timer = self.loop.call_at(self._next_alert, self._alert)
+
+    def stop_alerts(self) -> None:
+        """No more alerts (the run is ending: what was raised may drain)."""
+        if self._alert_timer is not None:
+            self._alert_timer.cancel()
+            self._alert_timer = None
 
     def start_churn(self) -> None:
         if self.config.offline_fraction > 0 and self._churn_task is None:
@@ -296,6 +411,7 @@ class Shard:
                 link.start(spread=True)
 
     def stop(self) -> None:
+        self.stop_alerts()
         self.cut()
         for link in self.links:
             link.stopped = True
@@ -360,6 +476,33 @@ class Shard:
             "online": [link.wanted for link in self.links for _ in link.shells],
         }
 
+    def telemetry(self) -> dict[str, int]:
+        """The outboxes now, summed (counts since the shard started)."""
+        sent = dropped = waiting = waiting_offline = published = confirmed = 0
+        for d in self.devices:
+            outbox = d.outbox if isinstance(d, SimDevice) else None
+            if outbox is None:
+                continue
+            sent += outbox.accepted
+            if outbox.dropped:
+                dropped += sum(outbox.dropped.values())
+            if outbox.count:
+                waiting += outbox.count
+                if not d.link.wanted:
+                    waiting_offline += outbox.count
+            if d.sender is not None:
+                published += d.sender.sent
+                confirmed += d.sender.confirmed
+        return {
+            "sent": sent,  # records accepted into outboxes (alerts, events, drop reports)
+            "alerts": self.alerts,
+            "dropped": dropped,
+            "waiting": waiting,  # still in outboxes
+            "waiting_offline": waiting_offline,  # of which on devices meant offline
+            "published": published,  # publishes, repeats included
+            "confirmed": confirmed,
+        }
+
     def snapshot(self) -> dict[str, Any]:
         """Counts now, and the samples gathered since the last snapshot."""
         connected = sum(len(link.shells) for link in self.links if link.is_open)
@@ -379,6 +522,7 @@ class Shard:
         targeted, self.targeted_online = self.targeted_online, {}
         processing, self.processing = self.processing, {}
         return {
+            "telemetry": self.telemetry(),
             "targeted_online": targeted,
             "devices": len(self.devices),
             "connected": connected,

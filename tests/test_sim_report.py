@@ -60,6 +60,19 @@ def synthetic_run(**overrides: object) -> RunData:
         telemetry_sent=50,
         telemetry_received=48,
         telemetry_dropped_reported=2,
+        telemetry_alerts=40,
+        telemetry_drained=True,
+        telemetry_latency_ms={
+            "p50": 3.5,
+            "p90": 12.0,
+            "p99": 80.2,
+            "max": 95.0,
+            "count": 48,
+            "by_type": {
+                "alert": {"p50": 3.0, "p90": 9.0, "p99": 20.0, "max": 21.0, "count": 40},
+                "event": {"p50": 60.0, "p90": 90.0, "p99": 94.5, "max": 95.0, "count": 8},
+            },
+        },
         errors={"connect-timeout": 3, "verify-failed": 1},
         unexpected_closes=1,
     )
@@ -255,6 +268,61 @@ def test_telemetry_balances_when_sent_equals_received_plus_dropped() -> None:
     unbalanced = figures_for(synthetic_run(telemetry_received=40))
     assert unbalanced["telemetry"]["balanced"] is False
     assert any("8 records unaccounted" in note for note in unbalanced["notes"])
+
+
+def test_telemetry_figures_carry_the_counts_and_the_end_to_end_latency() -> None:
+    tel = figures_for(synthetic_run())["telemetry"]
+
+    assert tel["exercised"] is True and tel["alerts"] == 40
+    assert tel["latency_ms"] == {"p50": 3.5, "p90": 12.0, "p99": 80.2, "max": 95.0}
+    assert tel["latency_count"] == 48
+    assert tel["latency_ms_by_type"]["alert"]["p99"] == 20.0
+    assert tel["drained"] is True and tel["waiting_at_end"] == 0
+
+
+def test_records_still_in_outboxes_at_the_end_are_said_to_be_waiting_not_lost() -> None:
+    figures = figures_for(
+        synthetic_run(telemetry_received=45, telemetry_waiting=3, telemetry_waiting_offline=3)
+    )
+
+    assert figures["telemetry"]["balanced"] is False
+    assert any(
+        "3 records were still in outboxes at the end (3 on devices offline" in note
+        for note in figures["notes"]
+    )
+    assert not any("unaccounted for (lost)" in note for note in figures["notes"])
+
+
+def test_a_run_without_telemetry_says_it_was_not_exercised(tmp_path: Path) -> None:
+    report.write(
+        synthetic_run(
+            telemetry_sent=0,
+            telemetry_received=0,
+            telemetry_dropped_reported=0,
+            telemetry_latency_ms={},
+        ),
+        tmp_path,
+    )
+
+    figures = json.loads((tmp_path / "report.json").read_text())
+    assert figures["telemetry"]["exercised"] is False
+    assert figures["telemetry"]["latency_ms"]["p50"] is None
+    assert "| Telemetry | not exercised in this run |" in (tmp_path / "report.md").read_text()
+
+
+def test_run_data_written_before_the_telemetry_path_still_loads(tmp_path: Path) -> None:
+    # Given a run-data.json from before the telemetry fields were added
+    report.write(synthetic_run(), tmp_path)
+    data = json.loads((tmp_path / report.RUN_DATA).read_text())
+    for key in [k for k in data if k.startswith("telemetry_")]:
+        if key not in ("telemetry_sent", "telemetry_received", "telemetry_dropped_reported"):
+            del data[key]
+    (tmp_path / report.RUN_DATA).write_text(json.dumps(data))
+    # When it is loaded, the new fields take their defaults and the report is computed
+    loaded = RunData.load(tmp_path / report.RUN_DATA)
+    assert loaded.telemetry_latency_ms == {} and loaded.telemetry_drained is None
+    tel = figures_for(loaded)["telemetry"]
+    assert tel["balanced"] is True and tel["latency_ms"]["p99"] is None
 
 
 def test_fleet_converged_when_every_online_device_is_in_sync_at_the_end() -> None:
@@ -494,6 +562,11 @@ def test_report_md_shows_the_headline_figures(tmp_path: Path) -> None:
     assert "| 35,000 | 4 | 2 | not modelled | **4** | memory |" in md
     assert "| connect-timeout | 3 |" in md
     assert "`restart-node` (node=rabbit2@localhost)" in md
+    assert "| Telemetry sent = received + dropped | 50 = 48 + 2: yes (40 alerts) |" in md
+    assert (
+        "| Telemetry end-to-end latency p50 / p90 / p99 / max | 3.5 / 12.0 / 80.2 / 95.0 ms "
+        "(48 records; alerts 3.0 / 9.0 / 20.0 / 21.0 ms; events 60.0 / 90.0 / 94.5 / 95.0 ms) |"
+    ) in md
 
 
 def test_a_partial_run_is_marked_partial(tmp_path: Path) -> None:

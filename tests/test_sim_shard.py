@@ -1,6 +1,7 @@
 """A simulator shard against the real broker, without Thespian: devices
 connect, share connections when asked, apply a signed revision, and come
-back after a cut."""
+back after a cut; their telemetry waits out the cut and is all read from
+the stream, or counted as dropped."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from edgeward.simulator.run import Policies
 from edgeward.simulator.scenario import Step
 from edgeward.simulator.shard import Shard, ShardConfig
+from edgeward.simulator.telemetry import ALERT_EVENT, StreamTally
 from edgeward.transport import topology
 from edgeward.transport.signing import Signer
 from edgeward.transport.wire import Bundle
@@ -57,11 +59,11 @@ def publish(url: str, signer: Signer, policies: Policies, step: Step) -> int:
     return revision
 
 
-@pytest.mark.parametrize("share", [1, 5])
-def test_shard_devices_apply_a_revision_and_catch_up_after_a_cut(
-    broker_url: str, share: int
-) -> None:
-    # Given a shard of 20 devices (sharing connections 5 to 1 when asked)
+def shard_on(
+    broker_url: str, devices: int, **config: object
+) -> tuple[Shard, asyncio.AbstractEventLoop, Signer]:
+    """A shard of ``devices`` berlin devices on the test's vhost (its topology
+    declared), trusting a fresh signer; not started."""
     conn = pika.BlockingConnection(pika.URLParameters(broker_url))
     topology.declare(conn.channel())
     conn.close()
@@ -70,15 +72,24 @@ def test_shard_devices_apply_a_revision_and_catch_up_after_a_cut(
     shard = Shard(
         ShardConfig(
             first=0,
-            labels=[{"store": "berlin"}] * 20,
+            labels=[{"store": "berlin"}] * devices,
             urls=[broker_url],
             mode="edgeward",
             trusted_keys={signer.key_id: signer.public_b64},
-            share=share,
             ramp_rate=200,
+            **config,  # type: ignore[arg-type]
         ),
         loop,
     )
+    return shard, loop, signer
+
+
+@pytest.mark.parametrize("share", [1, 5])
+def test_shard_devices_apply_a_revision_and_catch_up_after_a_cut(
+    broker_url: str, share: int
+) -> None:
+    # Given a shard of 20 devices (sharing connections 5 to 1 when asked)
+    shard, loop, signer = shard_on(broker_url, 20, share=share)
     try:
         shard.start()
         run_until(loop, lambda: shard.snapshot()["connected"] == 20, 20, "all connected")
@@ -109,3 +120,75 @@ def test_shard_devices_apply_a_revision_and_catch_up_after_a_cut(
         shard.stop()
         loop.run_until_complete(asyncio.sleep(0.5))
         loop.close()
+
+
+def read_telemetry(url: str, expected: int, timeout: float) -> StreamTally:
+    """The vhost's telemetry stream from its start, tallied, until ``expected``
+    distinct records were read (or the timeout)."""
+    tally = StreamTally()
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=1000)
+        channel.basic_consume(
+            topology.TELEMETRY_STREAM,
+            lambda ch, method, props, body: tally.add(body, time.time()),
+            arguments={"x-stream-offset": "first"},
+        )
+        deadline = time.monotonic() + timeout
+        while tally.received < expected and time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.2)
+        conn.process_data_events(time_limit=0.5)  # anything beyond: a repeat, or a bug
+    finally:
+        conn.close()
+    return tally
+
+
+@pytest.mark.parametrize("bound", [10_000, 3], ids=["roomy-outbox", "tight-outbox"])
+def test_shard_telemetry_waits_out_a_cut_and_every_record_is_read_or_counted_dropped(
+    broker_url: str, bound: int
+) -> None:
+    # Given 10 devices raising 4 alerts a second each, with outboxes of `bound` records
+    shard, loop, signer = shard_on(broker_url, 10, alert_rate=4.0, outbox_max_records=bound)
+
+    def telemetry() -> dict:
+        return shard.telemetry()
+
+    try:
+        shard.start()
+        run_until(loop, lambda: shard.snapshot()["connected"] == 10, 20, "all connected")
+        # and a revision in force whose policies block what the devices see
+        revision = publish(broker_url, signer, Policies(), Step(0, "apply", policies=3, changed=3))
+        shard.set_latest(revision, None)
+        run_until(loop, lambda: shard.snapshot()["in_sync"] == 10, 20, "all in sync")
+        run_until(loop, lambda: telemetry()["alerts"] >= 20, 20, "alerts raised")
+        # When they go quiet, drain, and lose their connections
+        shard.stop_alerts()
+        run_until(loop, lambda: telemetry()["waiting"] == 0, 20, "drained")
+        shard.cut()
+        run_until(loop, lambda: shard.snapshot()["connected"] == 0, 20, "all cut")
+        # and each sees five blocked events while offline
+        for device in shard.devices:
+            for _ in range(5):
+                device.judge(ALERT_EVENT)  # type: ignore[union-attr]
+        # Then the alerts wait in the outboxes, as many as fit
+        assert telemetry()["waiting"] == 10 * min(5, bound)
+        # When the connections come back
+        shard.restore()
+        run_until(loop, lambda: telemetry()["waiting"] == 0, 30, "drained after the cut")
+        counts = telemetry()
+    finally:
+        shard.stop()
+        loop.run_until_complete(asyncio.sleep(0.5))
+        loop.close()
+    # Then every record put in an outbox is on the stream once, or was dropped and counted
+    tally = read_telemetry(broker_url, counts["sent"] - counts["dropped"], 20)
+    assert counts["sent"] == tally.received + counts["dropped"]
+    assert tally.by_type["alert"] == counts["alerts"] - counts["dropped"]
+    if bound == 3:
+        # two alerts of each device did not fit, and reporting that took a third's room
+        assert counts["dropped"] == 10 * 3
+        assert tally.by_type["event"] == 10 * 2  # revision_applied, and the drop report
+    else:
+        assert counts["dropped"] == 0 and tally.by_type["event"] == 10
+    assert tally.malformed == 0

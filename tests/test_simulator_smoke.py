@@ -76,6 +76,23 @@ def test_propagation_percentiles_are_ordered_and_the_baseline_was_measured(
     assert smoke_report["raw_baseline_ratio"] > 0
 
 
+def test_telemetry_was_exercised_and_every_record_sent_was_read_or_reported_dropped(
+    smoke_report: dict,
+) -> None:
+    tel = smoke_report["telemetry"]
+    assert tel["exercised"] is True and tel["sent"] > 0
+    assert tel["alerts"] > 0  # judged Block by the devices' own policies
+    assert tel["sent"] == tel["received"] + tel["dropped_reported"]
+    assert tel["received"] > 0
+    assert tel["balanced"] is True and tel["drained"] is True
+
+
+def test_telemetry_latency_percentiles_are_ordered_and_positive(smoke_report: dict) -> None:
+    latency = smoke_report["telemetry"]["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    assert smoke_report["telemetry"]["latency_count"] == smoke_report["telemetry"]["received"]
+
+
 def test_the_baseline_probes_carry_as_many_bytes_as_the_largest_bundle(
     smoke_report: dict,
 ) -> None:
@@ -106,6 +123,7 @@ def test_report_has_its_summary_and_charts(smoke_report: dict) -> None:
     out = Path(smoke_report["_dir"])
     md = (out / "report.md").read_text()
     assert "Propagation" in md and "sizing" in md.lower()
+    assert "Telemetry end-to-end latency" in md
     for chart in ("connected", "propagation_cdf", "in_sync", "broker", "rates", "client"):
         assert (out / f"{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "report:" in smoke_report["_stdout"]
@@ -123,6 +141,11 @@ def test_report_has_its_summary_and_charts(smoke_report: dict) -> None:
         ("devices = 10\nduration = 5\nverify = 'sometimes'\n", "`verify`"),
         ("devices = 0\nduration = 5\n", "`devices` must be > 0"),
         ("devices = [\n", "not TOML"),
+        ("devices = 10\nduration = 5\noutbox_max_records = 0\n", "`outbox_max_records`"),
+        (
+            "devices = 10\nduration = 5\ntelemetry = false\nalert_rate = 0.5\n",
+            "`alert_rate` needs `telemetry = true`",
+        ),
     ],
 )
 def test_bad_scenario_is_refused_naming_the_key(text: str, fragment: str) -> None:
