@@ -9,9 +9,11 @@ Rules (what the code below keeps true):
 2. Every delivery is classified.  A record whose routing key
    ``telemetry.<device>.<type>`` names the device and type of its body is
    kept; anything else is *refused* with a reason (``malformed``,
-   ``too_large``, ``unknown_version``, ``unknown_kind``, ``bad_routing_key``,
-   ``device_mismatch``, ``type_mismatch``) that is counted, and its first
-   bytes are kept as evidence.  A refusal never stops the consumer.
+   ``too_large``, ``too_deep``, ``unknown_version``, ``unknown_kind``,
+   ``bad_routing_key``, ``device_mismatch``, ``type_mismatch``, and the
+   identity checks of :class:`Trust`: ``no_user_id``, ``user_mismatch``,
+   ``revoked``) that is counted, and its first bytes are kept as evidence.
+   A refusal never stops the consumer.
 3. A batch commits after ``collector_batch`` deliveries or
    ``collector_batch_ms`` after its first delivery, whichever comes first:
    records (``INSERT OR IGNORE`` on ``(device, seq)``: a duplicate is counted,

@@ -55,6 +55,14 @@ SEVERITY_MIN, SEVERITY_MAX = 1, 10
 # Bounds that keep hostile input (alias bombs, deep nesting) cheap to refuse.
 MAX_VALUES = 100_000
 MAX_DEPTH = 64
+#: Largest policy text, refused by its size before parsing: no bigger than a
+#: bundle (transport.wire.MAX_BODY_BYTES). PyYAML's pure-Python parser takes
+#: ~5-20 s for 1 MiB of the costliest shapes (200,000 duplicate keys: ~18 s on
+#: two loaded cores), so this also bounds the time one file can take.
+MAX_TEXT_BYTES = 1024 * 1024
+#: Integers the daemon can take (it reads policies as JSON into Go int64s);
+#: beyond these a value would also need a CBOR tag, which no device accepts.
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
 
 _DNS1123_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
 _DNS1123_SUBDOMAIN = re.compile(rf"{_DNS1123_LABEL}(?:\.{_DNS1123_LABEL})*")
@@ -320,6 +328,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 None, None, f"cannot read {node.tag} value: {exc}", node.start_mark
             ) from exc
 
+    def construct_yaml_int(self, node: ScalarNode) -> int:
+        # ``0x`` and 4,000 digits is a valid YAML int whose repr() raises
+        # ValueError; refuse it here, with a line, like any other bad value.
+        value = super().construct_yaml_int(node)
+        if not MIN_INT <= value <= MAX_INT:
+            raise ValueError("integer out of the 64-bit range")
+        return value
+
     def _key_of(self, node: Node) -> Any:
         """The constructed value of a scalar key node, or _NO_KEY when it is not one."""
         if not isinstance(node, ScalarNode) or node.tag == "tag:yaml.org,2002:merge":
@@ -397,8 +413,25 @@ class _Document:
     duplicate_keys: list[_DuplicateKey]
 
 
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
+
+def _size_problem(text: str | bytes, source: str) -> Problem | None:
+    """A problem if ``text`` is longer than MAX_TEXT_BYTES in UTF-8, without parsing it."""
+    if isinstance(text, str) and MAX_TEXT_BYTES // 4 < len(text) <= MAX_TEXT_BYTES:
+        size = len(text.encode("utf-8", "surrogatepass"))
+    else:
+        size = len(text)  # a character takes at least one byte
+    if size <= MAX_TEXT_BYTES:
+        return None
+    return Problem(source, 0, "", f"too large: more than {MAX_TEXT_BYTES} bytes of YAML")
+
+
 def _load_documents(text: str, source: str) -> tuple[list[_Document], list[Problem]]:
     """Every non-empty document of ``text``; a YAML error ends the stream."""
+    too_large = _size_problem(text, source)
+    if too_large is not None:
+        return [], [too_large]
     documents: list[_Document] = []
     index = 0
     loader: _UniqueKeyLoader | None = None
@@ -778,7 +811,14 @@ def load_policy_files(paths: Iterable[str | Path]) -> list[Policy]:
     for path in paths:
         source = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with open(path, "rb") as fh:  # never more than the limit, even of /dev/zero
+                raw = fh.read(MAX_TEXT_BYTES + 1)
+            too_large = _size_problem(raw, source)
+            if too_large is not None:
+                problems.append(too_large)
+                continue
+            # As Path.read_text would: UTF-8, universal newlines.
+            text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except UnicodeDecodeError as exc:
             problems.append(Problem(source, 0, "", f"cannot read file: not UTF-8 text ({exc})"))
             continue

@@ -47,6 +47,7 @@ from edgeward.transport.errors import LocalProtocolError
 from edgeward.transport.signing import Signer, Verifier
 from edgeward.transport.wire import (
     MAX_BODY_BYTES,
+    MAX_DEPTH,
     Bundle,
     Heartbeat,
     SignedBundle,
@@ -413,6 +414,13 @@ def _unknown_key(cp: ControlPlane) -> bytes:
     )
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def _heartbeat_on_the_stream(cp: ControlPlane) -> bytes:
     return Heartbeat("pos-paris-07", 1.0, 1, 1, EMPTY_DIGEST, "ok").encode()
 
@@ -424,6 +432,10 @@ REFUSALS = [
     ("cbor-not-a-map", lambda cp: cbor2.dumps([1, 2, 3]), "malformed"),
     ("empty-body", lambda cp: b"", "malformed"),
     ("too-large", lambda cp: b"\x00" * (MAX_BODY_BYTES + 1), "too_large"),
+    ("too-deep", lambda cp: _envelope(cp, x=_nested(MAX_DEPTH)), "too_deep"),
+    ("a-tag", lambda cp: _envelope(cp, issued=cbor2.CBORTag(1, 0)), "malformed"),
+    ("envelope-with-an-extra-field", lambda cp: _envelope(cp, x=1), "malformed"),
+    ("version-true", lambda cp: _envelope(cp, v=True), "unknown_version"),
     ("unknown-version", lambda cp: _envelope(cp, v=2), "unknown_version"),
     ("no-version", lambda cp: _envelope(cp, v=None), "unknown_version"),
     ("not-a-bundle", _heartbeat_on_the_stream, "unknown_kind"),

@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeward.transport.errors import RemoteProtocolError
-from edgeward.transport.wire import CONFIRM_BUCKETS, RECORD_TYPES, Heartbeat, Record, decode, encode
+from edgeward.transport.wire import (
+    CONFIRM_BUCKETS,
+    MAX_HEARTBEAT_ENTRIES,
+    RECORD_TYPES,
+    Heartbeat,
+    Record,
+    decode,
+    encode,
+)
 
 ALERT = Record(
     device="pos-0001",
@@ -55,6 +63,8 @@ def test_alerts_and_agent_events_outrank_logs_when_the_outbox_must_drop() -> Non
         ({"type": "heartbeat"}, "malformed"),
         ({"body": ["not", "a", "map"]}, "malformed"),
         ({"body": {1: "x"}}, "malformed"),
+        ({"body": {"a": [{b"x": 1}]}}, "malformed"),  # the audit store keeps bodies as JSON
+        ({"time": float("nan")}, "malformed"),
         ({"time": None}, "malformed"),
         ({"kind": "bundle"}, "unknown_kind"),
     ],
@@ -65,7 +75,7 @@ def test_a_record_that_does_not_hold_together_is_refused_by_reason(
 ) -> None:
     obj = {**cbor2.loads(ALERT.encode()), **change}
     with pytest.raises(RemoteProtocolError) as refused:
-        Record.from_message(decode(encode(obj)))
+        Record.from_message(decode(cbor2.dumps(obj)))
     assert refused.value.reason == reason
 
 
@@ -146,10 +156,16 @@ def test_a_heartbeat_carries_the_confirm_latency_counts_since_the_last_one() -> 
         {"confirms": "13"},
         {"confirm_seconds": -1.0},
         {"confirm_seconds": float("nan")},
+        {"gaps": "x"},  # these six used to escape as ValueError or pass as garbage
+        {"awaiting_snapshot": "no"},
+        {"labels": {"store": 7}},
+        {"error": ["x"]},
+        {"time": float("inf")},
+        {"rejected": {f"r{i}": 1 for i in range(MAX_HEARTBEAT_ENTRIES + 1)}},
     ],
-    ids=str,
+    ids=lambda change: str(change)[:40],
 )
-def test_a_heartbeat_with_counters_that_are_not_integers_is_refused(change: dict) -> None:
+def test_a_heartbeat_with_a_field_of_the_wrong_type_is_refused(change: dict) -> None:
     obj = {**cbor2.loads(Heartbeat("pos-1", 1.0, 3, 3, "abc", "ok").encode()), **change}
     with pytest.raises(RemoteProtocolError) as refused:
         Heartbeat.from_message(decode(encode(obj)))

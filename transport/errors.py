@@ -16,10 +16,17 @@ class EdgewardError(Exception):
     """Base of every error edgeward raises on purpose."""
 
 
+#: Longest ``detail`` kept: it may quote what the peer sent (a key id, a
+#: version), and it travels on into logs, events and heartbeats.
+MAX_DETAIL_CHARS = 200
+
+
 class RemoteProtocolError(EdgewardError):
     """A peer sent something we refuse. ``reason`` is a counter label."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
+        if len(detail) > MAX_DETAIL_CHARS:
+            detail = detail[: MAX_DETAIL_CHARS - 1] + "…"
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail

@@ -22,7 +22,7 @@ Kinds (schema version 1):
     ``{v, kind, device, time, revision, applied_revision, hash, status,
     rejected, gaps, awaiting_snapshot}``: what the device actually enforces.
 
-``record``  (telemetry exchange -> ``edgeward.telemetry`` stream, device -> collector)
+``record``  (``edgeward.uplink`` exchange -> ``edgeward.telemetry`` stream, device -> collector)
     ``{v, kind, device, seq, time, type, body}``: one thing a device saw or
     did, numbered per device from 1 with no reuse (``seq`` survives restarts:
     it is kept in the outbox).  ``type`` is ``alert`` (a backend verdict or
@@ -35,6 +35,9 @@ Kinds (schema version 1):
 
 from __future__ import annotations
 
+import io
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,36 +49,188 @@ from .errors import RemoteProtocolError
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/cbor"
-#: Largest body we encode or accept. Policies are small; anything bigger is
-#: refused before it is parsed.
-MAX_BODY_BYTES = 1024 * 1024
 MODES = ("delta", "snapshot")
+
+# -- limits on what comes from outside ----------------------------------------
+#
+# Every body from the broker is hostile until it decodes.  decode() refuses,
+# with RemoteProtocolError and a reason, instead of building what would cost
+# too much; encode() refuses (ValueError) whatever decode() would refuse, so
+# we never publish a message our own peers drop.
+#
+# What cbor2 (6.x, the Rust decoder) does with hostile bytes, measured:
+# * A head declaring a 2**62-byte string or array allocates nothing: it reads
+#   in chunks and stops at the end of the data ("premature end of stream").
+# * Nesting is bounded by its max_depth (default 400); tags count as levels.
+# * 1 MiB of one-byte items (empty maps, empty arrays) builds ~75 MB of
+#   Python objects and takes ~0.25-0.8 s: the real amplification.  So the
+#   number of items is bounded (MAX_ITEMS), checked on the raw bytes before
+#   anything is built.
+# * Tags decode into other types, some expensive or dangerous: tag 28/29
+#   build self-referencing lists, tag 2 a 1 MiB integer (str() of it then
+#   raises ValueError), tag 24 embedded CBOR, 35 compiles a regex, and a
+#   date, a decimal, a UUID.  Our encoder emits none (policies are plain
+#   JSON values, integers within 64 bits), so every tag is refused.
+# * Bytes after the first item are ignored by cbor2.loads; we refuse them.
+
+#: Largest body we encode or accept, refused by its length before parsing.
+MAX_BODY_BYTES = 1024 * 1024
+#: Deepest nesting of maps and arrays.  A bundle holds policies two levels
+#: down (body -> policies -> document), and the policy validator accepts
+#: documents nested up to enforcement.policy.MAX_DEPTH (64) levels.
+MAX_DEPTH = 80
+#: Most data items (keys, values, elements) in one message.  Real messages
+#: hold one item per ~3-5 bytes, so a full-size bundle fits; 1 MiB of empty
+#: maps would not (see above).  Only a message longer than this many bytes
+#: can hold more items (each item takes at least one byte), so only those
+#: are walked before decoding; cbor2 bounds depth and tags for the rest.
+MAX_ITEMS = MAX_BODY_BYTES // 4
+#: Most values (nested ones included) in a record's body and most entries in
+#: a heartbeat's maps: what the collector and the control plane keep.
+MAX_RECORD_VALUES = 1024
+MAX_HEARTBEAT_ENTRIES = 256
+
+
+class _EveryTag(Mapping[int, Any]):
+    """cbor2's ``semantic_decoders``: every tag it knows maps to a refusal."""
+
+    def __getitem__(self, tag: int) -> Any:
+        return _refuse_tag
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _refuse_tag(*_: Any) -> Any:
+    raise ValueError("a CBOR tag: our messages carry none")
+
+
+_EVERY_TAG = _EveryTag()
 
 
 def encode(obj: dict[str, Any]) -> bytes:
     data = cbor2.dumps(obj, canonical=True)
     if len(data) > MAX_BODY_BYTES:
         raise ValueError(f"message of {len(data)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        _scan(data)
+    except RemoteProtocolError as exc:
+        raise ValueError(f"message our peers would refuse: {exc}") from None
     return data
 
 
 def decode(data: bytes) -> dict[str, Any]:
     """Decode one body into a map with a known version, or refuse it."""
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if isinstance(data, memoryview):
+        size = data.nbytes
+    elif isinstance(data, bytes | bytearray):
+        size = len(data)
+    else:
         raise RemoteProtocolError("malformed", "body is not bytes")
-    if len(data) > MAX_BODY_BYTES:
-        raise RemoteProtocolError("too_large", f"{len(data)} bytes")
+    if size > MAX_BODY_BYTES:
+        raise RemoteProtocolError("too_large", f"{size} bytes")
+    data = bytes(data)
+    if size > MAX_ITEMS:
+        _scan(data)
     try:
-        obj = cbor2.loads(bytes(data))
+        obj = _load(data)
     except Exception as exc:  # cbor2 raises several types for garbage
+        _scan(data)  # the precise reason (too_deep, ...) where there is one
         raise RemoteProtocolError("malformed", f"not CBOR: {exc}") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError("malformed", "body is not a map")
-    if obj.get("v") != SCHEMA_VERSION:
-        raise RemoteProtocolError("unknown_version", repr(obj.get("v")))
+    version = obj.get("v")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise RemoteProtocolError("unknown_version", repr(version))
     if not isinstance(obj.get("kind"), str):
         raise RemoteProtocolError("malformed", "no kind")
     return obj
+
+
+def _load(data: bytes) -> Any:
+    """cbor2 with every limit it has: depth, no indefinite lengths, no
+    duplicate or non-string keys, no tags, nothing after the item."""
+    fp = io.BytesIO(data)
+    obj = cbor2.CBORDecoder(
+        fp,
+        read_size=max(len(data), 1),  # one read: chunked reads cost a third more
+        max_depth=MAX_DEPTH,
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+        strict_hashable_types=True,
+        tag_hook=_refuse_tag,
+        semantic_decoders=_EVERY_TAG,
+    ).decode()
+    if fp.tell() != len(data):
+        raise ValueError(f"{len(data) - fp.tell()} bytes after the message")
+    return obj
+
+
+def _scan(data: bytes) -> None:
+    """Walk the item heads of ``data`` without building anything; refuse what
+    is nested deeper than MAX_DEPTH (``too_deep``), holds more than MAX_ITEMS
+    items (``too_large``), or that _load refuses for its form (``malformed``:
+    a tag, an indefinite length, a map key that is not a string, a length
+    past the end, bytes after the item).  It accepts a little that _load
+    refuses (bad UTF-8, duplicate keys): it bounds work, it does not decode.
+    """
+    end = len(data)
+    pos = 0
+    items = 1
+    left, in_map = 1, False  # items still to read in the innermost container
+    stack: list[tuple[int, bool]] = []  # the same for the containers around it
+    while True:
+        while not left:
+            if not stack:
+                if pos != end:
+                    raise RemoteProtocolError("malformed", f"{end - pos} bytes after the message")
+                return
+            left, in_map = stack.pop()
+        is_key = in_map and not left % 2
+        left -= 1
+        if pos >= end:
+            raise RemoteProtocolError("malformed", "truncated")
+        head = data[pos]
+        pos += 1
+        major, info = head >> 5, head & 0x1F
+        if info < 24:
+            arg = info
+        elif info < 28:
+            width = 1 << (info - 24)
+            if width > end - pos:
+                raise RemoteProtocolError("malformed", "truncated")
+            arg = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+        elif info == 31 and 2 <= major <= 5:
+            raise RemoteProtocolError("malformed", "an indefinite length")
+        else:
+            raise RemoteProtocolError("malformed", f"head 0x{head:02x} at byte {pos - 1}")
+        if is_key and major not in (2, 3):
+            raise RemoteProtocolError("malformed", "a map key that is not a string")
+        if major in (2, 3):
+            if arg > end - pos:
+                raise RemoteProtocolError("malformed", f"a string of {arg} bytes past the end")
+            pos += arg
+        elif major in (4, 5):
+            count = arg * 2 if major == 5 else arg
+            if count > end - pos:
+                raise RemoteProtocolError("malformed", f"{count} items past the end")
+            items += count
+            if items > MAX_ITEMS:
+                raise RemoteProtocolError("too_large", f"more than {MAX_ITEMS} items")
+            if count:
+                stack.append((left, in_map))
+                left, in_map = count, major == 5
+                if len(stack) > MAX_DEPTH:
+                    raise RemoteProtocolError("too_deep", f"nested more than {MAX_DEPTH} levels")
+        elif major == 6:
+            raise RemoteProtocolError("malformed", f"tag {arg}: our messages carry none")
 
 
 def _require(obj: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
@@ -85,13 +240,60 @@ def _require(obj: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> An
     return value
 
 
+def _optional(obj: dict[str, Any], name: str, typ: type, default: Any) -> Any:
+    return _require(obj, name, typ) if name in obj else default
+
+
+def _finite(obj: dict[str, Any], name: str) -> float:
+    value = _require(obj, name, int | float)
+    if not math.isfinite(value):
+        raise RemoteProtocolError("malformed", f"field {name!r} must be a finite number")
+    return float(value)
+
+
+def _entries(value: dict[Any, Any], name: str) -> dict[Any, Any]:
+    if len(value) > MAX_HEARTBEAT_ENTRIES:
+        raise RemoteProtocolError(
+            "malformed", f"{name!r} has more than {MAX_HEARTBEAT_ENTRIES} entries"
+        )
+    return value
+
+
 def _counts(value: dict[Any, Any], name: str) -> dict[str, int]:
     """A map of counters: string keys, integer values, or refused."""
-    if not all(isinstance(k, str) for k in value) or not all(
+    if not all(isinstance(k, str) for k in _entries(value, name)) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value.values()
     ):
         raise RemoteProtocolError("malformed", f"{name!r} must map names to integers")
     return dict(value)
+
+
+def _labels(value: dict[Any, Any]) -> dict[str, str]:
+    if not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in _entries(value, "labels").items()
+    ):
+        raise RemoteProtocolError("malformed", "'labels' must map names to strings")
+    return dict(value)
+
+
+def _body_problem(body: dict[str, Any]) -> str:
+    """Why a record body cannot be kept ("" if it can): more than
+    MAX_RECORD_VALUES values, nested ones included, or a key that is not a
+    string at any depth (the audit store keeps bodies as JSON)."""
+    stack: list[Any] = [body]
+    seen = 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_RECORD_VALUES:
+            return f"body of more than {MAX_RECORD_VALUES} values"
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                return "record body keys must be strings"
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return ""
 
 
 @dataclass(frozen=True)
@@ -117,11 +319,19 @@ class SignedBundle:
     def from_message(cls, obj: dict[str, Any]) -> SignedBundle:
         if obj.get("kind") != "bundle":
             raise RemoteProtocolError("unknown_kind", repr(obj.get("kind")))
-        return cls(
+        signed = cls(
             key_id=_require(obj, "key_id", str),
             sig=bytes(_require(obj, "sig", bytes)),
             body=bytes(_require(obj, "body", bytes)),
         )
+        # Exactly these fields: a new one would be a new schema version.
+        if len(obj) != len(_ENVELOPE_FIELDS):
+            extra = sorted(repr(k) for k in obj if k not in _ENVELOPE_FIELDS)
+            raise RemoteProtocolError("malformed", f"unknown fields {', '.join(extra)}")
+        return signed
+
+
+_ENVELOPE_FIELDS = frozenset({"v", "kind", "key_id", "sig", "body"})
 
 
 @dataclass(frozen=True)
@@ -182,7 +392,7 @@ class Bundle:
             raise RemoteProtocolError("malformed", "digests must name exactly the policies")
         return cls(
             revision=revision,
-            issued_at=float(_require(obj, "issued_at", int | float)),
+            issued_at=_finite(obj, "issued_at"),
             mode=mode,
             policies=tuple(policies),
             deleted=tuple(deleted),
@@ -256,28 +466,20 @@ class Heartbeat:
     def from_message(cls, obj: dict[str, Any]) -> Heartbeat:
         if obj.get("kind") != "heartbeat":
             raise RemoteProtocolError("unknown_kind", repr(obj.get("kind")))
-        rejected = obj.get("rejected", {})
-        labels = obj.get("labels", {})
-        dropped = obj.get("dropped", {})
-        outbox = obj.get("outbox", 0)
-        if not all(isinstance(m, dict) for m in (rejected, labels, dropped)):
-            raise RemoteProtocolError("malformed", "rejected/labels/dropped must be maps")
-        if not isinstance(outbox, int) or isinstance(outbox, bool):
-            raise RemoteProtocolError("malformed", "outbox must be an integer")
         return cls(
             device=_require(obj, "device", str),
-            time=float(_require(obj, "time", int | float)),
+            time=_finite(obj, "time"),
             revision=_require(obj, "revision", int),
             applied_revision=_require(obj, "applied_revision", int),
             hash=_require(obj, "hash", str),
             status=_require(obj, "status", str),
-            rejected=_counts(rejected, "rejected"),
-            gaps=int(obj.get("gaps", 0)),
-            awaiting_snapshot=bool(obj.get("awaiting_snapshot", False)),
-            labels={str(k): str(v) for k, v in labels.items()},
-            error=str(obj.get("error", "")),
-            outbox=outbox,
-            dropped=_counts(dropped, "dropped"),
+            rejected=_counts(_optional(obj, "rejected", dict, {}), "rejected"),
+            gaps=_optional(obj, "gaps", int, 0),
+            awaiting_snapshot=_optional(obj, "awaiting_snapshot", bool, False),
+            labels=_labels(_optional(obj, "labels", dict, {})),
+            error=_optional(obj, "error", str, ""),
+            outbox=_optional(obj, "outbox", int, 0),
+            dropped=_counts(_optional(obj, "dropped", dict, {}), "dropped"),
             confirms=_confirms(obj.get("confirms", [])),
             confirm_seconds=_seconds(obj.get("confirm_seconds", 0.0)),
         )
@@ -372,12 +574,13 @@ class Record:
         body = _require(obj, "body", dict)
         if not device or seq < 1 or kind not in RECORD_TYPES:
             raise RemoteProtocolError("malformed", f"record {device!r}:{seq!r} of type {kind!r}")
-        if not all(isinstance(k, str) for k in body):
-            raise RemoteProtocolError("malformed", "record body keys must be strings")
+        problem = _body_problem(body)
+        if problem:
+            raise RemoteProtocolError("malformed", problem)
         return cls(
             device=device,
             seq=seq,
-            time=float(_require(obj, "time", int | float)),
+            time=_finite(obj, "time"),
             type=kind,
             body=body,
         )
