@@ -73,12 +73,16 @@ def running_control_plane(home: Path, broker_url: str, **settings: Any) -> Contr
     test says ``allow_shared_login=False``."""
     settings.setdefault("allow_shared_login", True)
     plane = ControlPlane(m.Settings(home=str(home), broker_url=broker_url, **settings), free_port())
-    plane.start()
-    wait_until(
-        lambda: plane.collector_status().get("connected"),
-        timeout=30,
-        message="the collector never connected",
-    )
+    try:
+        plane.start()
+        wait_until(
+            lambda: plane.collector_status().get("connected"),
+            timeout=30,
+            message="the collector never connected",
+        )
+    except BaseException:
+        plane.stop()  # its actor processes would outlive the test run
+        raise
     return plane
 
 
