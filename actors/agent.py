@@ -42,6 +42,7 @@ from edgeward.transport.connection import (
     Backoff,
     TLSSettings,
     cancel_timer,
+    explain_open_error,
     quiet_pika,
     split_urls,
 )
@@ -71,11 +72,20 @@ def make_backend(config: AgentConfig) -> Backend:
     return KubeArmorBackend(settings)
 
 
-def tls_connection(tls: TLSSettings, params: Any, **kwargs: Any) -> SelectConnection:
+def tls_connection(
+    tls: TLSSettings, params: Any, *, on_open_error_callback: Any, **kwargs: Any
+) -> SelectConnection:
     """The agent's SelectConnection, with its own TLS settings put into the
-    parameters the link made from the URL."""
+    parameters the link made from the URL; a failed TLS handshake reaches the
+    link as an error that says which check failed."""
     tls.apply(params)
-    return SelectConnection(params, **kwargs)
+    return SelectConnection(
+        params,
+        on_open_error_callback=lambda conn, error: on_open_error_callback(
+            conn, explain_open_error(error, tls)
+        ),
+        **kwargs,
+    )
 
 
 class EventsReader:

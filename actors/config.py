@@ -11,7 +11,11 @@ from typing import Any
 import platformdirs
 
 from edgeward.enforcement.kubearmor.settings import KubeArmorSettings
-from edgeward.transport.connection import DEFAULT_BROKER_URL
+from edgeward.transport.connection import (
+    DEFAULT_BROKER_URL,
+    TLSSettings,
+    split_urls,
+)
 
 DEFAULT_ADMIN_PORT = 1900
 
@@ -70,6 +74,17 @@ class AgentConfig:
     # With the builtin backend and --events-from: an event the set in force
     # allows becomes a ``log`` record too (like KubeArmor's system log).
     log_allowed_events: bool = False
+    # TLS to the broker (docs/tls.md), for amqps:// URLs only. tls_ca: the
+    # PEM CA the broker's certificate must chain to, and nothing else (empty:
+    # the system's trust store); the URL's host must be in the certificate.
+    # tls_cert/tls_key: the device's client certificate and key (mutual TLS).
+    # tls_external: log in with that certificate (SASL EXTERNAL): the broker
+    # user is its CN, which must be the device name.  Paths on the device;
+    # the files are read when the agent starts (and at each reconnect).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_external: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, str):
@@ -85,6 +100,24 @@ class AgentConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: expected seconds, 0 or more")
+        tls = self.tls_settings()
+        tls.validate()  # the files are the device's: read when the agent starts
+        if tls.enabled:
+            try:
+                urls = split_urls(self.broker_url)
+            except ValueError as exc:
+                raise ValueError(f"broker_url: {exc}") from None
+            tls.check_urls(urls)  # TLS files with amqp:// would go unused
+
+    def tls_settings(self) -> TLSSettings:
+        """The agent's TLS settings (its own: EDGEWARD_TLS_* are not read)."""
+        return TLSSettings(
+            ca=self.tls_ca,
+            cert=self.tls_cert,
+            key=self.tls_key,
+            external=self.tls_external,
+            source="config",
+        )
 
     @property
     def backend_kind(self) -> str:
