@@ -32,7 +32,7 @@ from edgeward.enforcement.evaluator import (
 from edgeward.enforcement.kubearmor.settings import KubeArmorSettings
 from edgeward.enforcement.policy import PolicyValidationError, load_policy_files
 from edgeward.transport.admin import vhost_of, with_login
-from edgeward.transport.connection import split_urls
+from edgeward.transport.connection import TLSSettings, TLSSettingsError, split_urls, tls_from_env
 from edgeward.transport.errors import BrokerUnreachable, TopologyConflict
 
 from . import messages as m
@@ -107,6 +107,7 @@ def cmd_broker_up(args: argparse.Namespace) -> int:
     from edgeward.transport.connection import connect_blocking, redact, split_urls
 
     urls = split_urls(args.broker_url)
+    _check_tls(urls)
     deadline = time.monotonic() + args.wait
     while True:
         try:
@@ -122,6 +123,14 @@ def cmd_broker_up(args: argparse.Namespace) -> int:
         conn.close()
     print(f"broker ready at {', '.join(redact(u) for u in urls)}; topology declared")
     return 0
+
+
+def _check_tls(urls: list[str]) -> None:
+    """The EDGEWARD_TLS_* settings fit these URLs and their files load, or exit 2 now."""
+    try:
+        tls_from_env().check(urls)
+    except TLSSettingsError as exc:
+        raise CliError("bad_input", str(exc)) from None
 
 
 def _retention(args: argparse.Namespace):
@@ -173,7 +182,7 @@ def cmd_control_plane_run(args: argparse.Namespace) -> int:
     from .control import describe_broker
     from .runtime import ControlPlane, admin_address, port_open
 
-    split_urls(args.broker_url)  # refuse a bad URL before starting anything
+    _check_tls(split_urls(args.broker_url))  # refuse a bad URL or TLS setting first
     if port_open(args.admin_port):
         raise CliError(
             "error", f"port {admin_address(args.admin_port)} is taken (another control plane?)"
@@ -230,6 +239,19 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError("bad_input", f"--kubearmor-address: {exc}") from None
     urls = split_urls(args.device_broker_url or args.broker_url)
+    tls = TLSSettings(
+        ca=_absolute(args.tls_ca),
+        cert=_absolute(args.tls_cert),
+        key=_absolute(args.tls_key),
+        external=args.tls_external,
+        source="config",
+    )
+    try:
+        tls.check(urls, login=args.device)  # the files must be there and fit the device
+    except TLSSettingsError as exc:
+        raise CliError("bad_input", str(exc)) from None
+    if args.tls_external and args.shared_login:
+        raise CliError("bad_input", "--tls-external logs in as the device: not with --shared-login")
     admin = None if args.shared_login else _management(args)
     client = Client(args.admin_port)
     keys = _reply_value(client.distributor(m.SigningIdentity()))
@@ -237,6 +259,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if admin is None:
         device_url = ",".join(urls)
         login = "the shared broker login (--shared-login: not for production)"
+    elif args.tls_external:
+        # Its certificate is its login: the user has no password at all.
+        for vhost in sorted({vhost_of(u) for u in urls}):
+            admin.put_device_user(vhost, args.device, None)
+        device_url = ",".join(with_login(u, args.device, "") for u in urls)
+        login = f"broker user {args.device!r} (logs in with its certificate: EXTERNAL)"
     else:
         # A fresh random secret, known only to the broker (as a hash) and to
         # the config file written below; enrolling again replaces it.
@@ -255,6 +283,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             trusted_keys=keys,
             heartbeat_interval=args.heartbeat_interval,
             backend=backend,
+            tls_ca=tls.ca,
+            tls_cert=tls.cert,
+            tls_key=tls.key,
+            tls_external=tls.external,
         )
     except ValueError as exc:
         raise CliError("bad_input", str(exc)) from None
@@ -264,6 +296,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         f"agent config written to {args.out} (mode 0600)"
     )
     return 0
+
+
+def _absolute(path: str | None) -> str:
+    return str(Path(path).resolve()) if path else ""
 
 
 def _management(args: argparse.Namespace) -> Any:
@@ -952,6 +988,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="the broker URL(s) as the device reaches them (default: --broker-url); the "
         "device's own login replaces the one in it",
+    )
+    tls = enroll.add_argument_group("TLS to the broker (amqps:// URLs; docs/tls.md)")
+    tls.add_argument(
+        "--tls-ca", metavar="PEM", help="the only CA the broker's certificate may chain to"
+    )
+    tls.add_argument(
+        "--tls-cert", metavar="PEM", help="the device's client certificate (CN = device)"
+    )
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key")
+    tls.add_argument(
+        "--tls-external",
+        action="store_true",
+        help="log in with the certificate (SASL EXTERNAL); its broker user gets no password",
     )
     enroll.add_argument(
         "--shared-login",

@@ -192,8 +192,7 @@ class TlsNode:
     def certificate_user(self, vhost: str, device: str) -> None:
         """A device user (the grants ``edgeward enroll`` gives) with no
         password: it can log in only with a certificate whose CN it is."""
-        self.api.put_device_user(vhost, device, secrets.token_urlsafe(32))
-        self.api.request("PUT", f"/users/{_q(device)}", {"password_hash": "", "tags": ""})
+        self.api.put_device_user(vhost, device, None)
 
     def connections(self, vhost: str) -> list[dict[str, Any]]:
         """The vhost's client connections as the node sees them: user, ssl,
@@ -663,6 +662,61 @@ def test_an_agent_logging_in_with_its_certificate_puts_a_policy_in_force_and_rep
         assert props.user_id == device
     finally:
         reader.close()
+
+
+@needs_node
+def test_enroll_with_a_certificate_makes_a_passwordless_user_and_the_device_comes_in_sync(
+    node: TlsNode, pki: Pki, tls_vhost: str, tmp_path: Path
+) -> None:
+    from fleetkit import Fleet
+
+    device = "pos-0003"
+    cert, key = pki.issue("ca", device)
+    fleet = Fleet(tmp_path / "home", node.amqp_url(tls_vhost))
+    try:
+        # Given a control plane on the node, and a device enrolled to log in
+        # over amqps with its certificate
+        fleet.start_control_plane()
+        config = fleet.enroll(
+            device,
+            "store=berlin",
+            extra=[
+                "--device-broker-url",
+                node.amqps_url(tls_vhost, login=""),
+                "--management-url",
+                node.cluster.management_urls[0] + "/api",
+                "--tls-ca",
+                str(pki.dir / "ca-ca.crt"),
+                "--tls-cert",
+                str(cert),
+                "--tls-key",
+                str(key),
+                "--tls-external",
+            ],
+        )
+        # Then its user has no password: no password logs it in
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(
+                pika.URLParameters(node.amqp_url(tls_vhost).replace("guest:guest", f"{device}:"))
+            )
+        assert json.loads(config.read_text())["tls_external"] is True
+        # When its agent runs, it logs in with the certificate and reports in sync
+        fleet.start_agent(device)
+        wait_until(
+            lambda: fleet.devices()[device]["state"] == "in_sync",
+            timeout=60,
+            message="the certificate-enrolled device never reported",
+        )
+        (seen,) = wait_until(
+            lambda: (
+                node.connections(tls_vhost)
+                and [c for c in node.connections(tls_vhost) if c["user"] == device]
+            ),
+            timeout=10,
+        )
+        assert seen["auth_mechanism"] == "EXTERNAL"
+    finally:
+        fleet.close()
 
 
 @needs_node

@@ -113,10 +113,16 @@ class ManagementAPI:
     def user(self, name: str) -> dict[str, Any] | None:
         return self.request("GET", f"/users/{self._q(name)}")
 
-    def put_device_user(self, vhost: str, name: str, password: str) -> None:
-        """Make (or reset) ``name`` as a device user of ``vhost``: new password,
+    def put_device_user(self, vhost: str, name: str, password: str | None) -> None:
+        """Make (or reset) ``name`` as a device user of ``vhost``: new password
+        (None: none at all — it logs in only with its certificate, EXTERNAL),
         the device grants, nothing else."""
-        self.request("PUT", f"/users/{self._q(name)}", {"password": password, "tags": ""})
+        user: dict[str, str] = {"tags": ""}
+        if password is None:
+            user["password_hash"] = ""  # no password can log in
+        else:
+            user["password"] = password
+        self.request("PUT", f"/users/{self._q(name)}", user)
         self.set_permissions(vhost, name, DEVICE_CONFIGURE, DEVICE_WRITE, DEVICE_READ)
         self.request(
             "PUT",
