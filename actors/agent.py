@@ -49,7 +49,7 @@ from edgeward.transport.connection import (
 from edgeward.transport.signing import Verifier
 
 from . import core as c
-from .cache import AgentCache
+from .cache import AgentCache, TrustFile
 from .config import AgentConfig
 from .outbox import Outbox, Sender
 from .shell import AgentShell, Link, TelemetryChannel
@@ -250,6 +250,17 @@ def login_of(config: AgentConfig) -> str | None:
 class LocalEnforcer(TelemetryChannel, AgentShell):
     """Hosts one :class:`AgentCore` on a real device."""
 
+    def floor(self) -> int:
+        return self._floor
+
+    def persisted(self, record: c.CacheRecord) -> None:
+        # Floor and keys, kept apart from the cache, before the delivery is acked.
+        floor = max(self._floor, record.revision)
+        keyring = self.core.verifier.keyring
+        if (floor, keyring) != self._trusted:
+            self.trust.store(floor, keyring)
+            self._floor, self._trusted = floor, (floor, keyring)
+
     def __init__(
         self,
         config: AgentConfig,
@@ -262,11 +273,22 @@ class LocalEnforcer(TelemetryChannel, AgentShell):
         self.config = config
         self.urls = split_urls(config.broker_url)
         self.disk_cache = AgentCache(Path(config.cache_dir))
+        # The keys trusted now and the floor, kept apart from the cache; the
+        # config's keys until a bundle named others.
+        self.trust = TrustFile(config.trust_path())
+        self._floor, keyring = self.trust.load()
+        self._trusted: tuple[int, dict[str, Any]] = (self._floor, keyring)
+        verifier = Verifier(config.trusted_keys)
+        if keyring:
+            try:
+                verifier = Verifier.from_keyring(keyring)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.trust.problem = f"{self.trust.path}: bad keyring ({exc})"
         super().__init__(
             c.AgentCore(
                 config.device,
                 config.labels,
-                Verifier(config.trusted_keys),
+                verifier,
                 heartbeat_interval=config.heartbeat_interval,
                 records=True,
             ),
@@ -297,6 +319,8 @@ class LocalEnforcer(TelemetryChannel, AgentShell):
             user_id=self.user_id,
         )
         self.confirm_latency = self.sender.latency  # its counts go out in heartbeats
+        if self.trust.problem:
+            self.say(f"warning: {self.trust.problem}; trusting the config's keys")
         if events_from is not None and self.backend.name != "builtin":
             raise ValueError("--events-from needs the builtin backend (kubearmor sees real events)")
         self.events_from = events_from

@@ -3,15 +3,23 @@
 The record is the agent core's :class:`CacheRecord`; it is stored as CBOR
 (not pickle: the cache is data, never code) and committed before the
 delivery behind it is acked.
+
+:class:`TrustFile` is kept apart from the cache (beside its directory by
+default): the highest revision the device accepted (the core's *floor*) and
+the signing keys it trusts now. A wiped cache leaves it, so the device
+neither goes back to an older revision nor trusts again a key it saw revoked
+(the core's rules 14-15).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import cbor2
 from sqlitedict import SqliteDict
@@ -84,3 +92,48 @@ class AgentCache:
 
     def close(self) -> None:
         self._db.close()
+
+
+class TrustFile:
+    """``{"v": 1, "floor": int, "keyring": {key id: {"public", "until"}}}`` in
+    one small JSON file, replaced atomically (written, fsynced, renamed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.problem = ""  # why the file was not used, if it was not
+
+    def load(self) -> tuple[int, dict[str, Any]]:
+        """The floor and keyring kept; (0, {}) when there is no usable file."""
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return 0, {}
+        except (OSError, ValueError) as exc:
+            self.problem = f"{self.path}: unreadable ({exc})"
+            return 0, {}
+        floor, keyring = data.get("floor"), data.get("keyring")
+        if (
+            not isinstance(data, dict)
+            or not isinstance(floor, int)
+            or floor < 0
+            or not isinstance(keyring, dict)
+        ):
+            self.problem = f"{self.path}: not a trust file"
+            return 0, {}
+        return floor, keyring
+
+    def store(self, floor: int, keyring: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        data = json.dumps({"v": 1, "floor": floor, "keyring": keyring}, sort_keys=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(data + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

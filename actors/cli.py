@@ -433,6 +433,63 @@ def cmd_policy_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_table(rows: list[dict]) -> str:
+    return table(
+        [
+            (
+                r["key_id"],
+                r["state"],
+                _when(r["created"]) if r.get("created") else "-",
+                _when(r["until"]) if r["until"] is not None else "-",
+            )
+            for r in rows
+        ],
+        ["KEY", "STATE", "CREATED", "SIGNS BUNDLES ISSUED UNTIL"],
+    )
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    emit(args, _reply_value(Client(args.admin_port).distributor(m.ListKeys())), _key_table)
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    overlap = _duration(args.overlap, "--overlap")
+    client = Client(args.admin_port)
+    result = _reply_value(client.distributor(m.RotateKey(overlap)))
+    rows = _reply_value(client.distributor(m.ListKeys()))
+    active = next(r for r in rows if r["state"] == "active")
+    print(
+        f"revision {result['revision']} published: key {active['key_id']} signs from now on; "
+        f"devices learn it from that revision (signed by the key it replaces)"
+    )
+    print(_key_table(rows))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from .runtime import Client
+
+    client = Client(args.admin_port)
+    result = _reply_value(client.distributor(m.RevokeKey(args.key_id)))
+    print(
+        f"revision {result['revision']} published: devices that read it trust {args.key_id} no more"
+    )
+    print(_key_table(_reply_value(client.distributor(m.ListKeys()))))
+    return 0
+
+
+def _duration(text: str, option: str) -> float:
+    found = _AGE.match(text.strip())
+    if not found:
+        raise CliError("bad_input", f"{option} {text!r}: expected a duration like 7d, 12h, 30m, 0s")
+    return float(found[1]) * _AGE_UNITS[found[2]]
+
+
 def _single_event(args: argparse.Namespace) -> Event:
     op = next(name for name in ("exec", "open", "net", "cap") if getattr(args, name) is not None)
     flag = f"--{op}"
@@ -1201,6 +1258,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="sizing: a revision delivered to every device within this (CPU; default %(default)s)",
     )
     sim.set_defaults(func=cmd_simulate)
+
+    keys = verbs.add_parser(
+        "keys", help="the fleet's signing keys: list, rotate, revoke"
+    ).add_subparsers(dest="sub", required=True, metavar="ACTION")
+    klist = keys.add_parser("list", parents=[common, as_json], help="keys devices trust")
+    klist.set_defaults(func=cmd_keys_list)
+    krotate = keys.add_parser(
+        "rotate",
+        parents=[common],
+        help="a new signing key, announced in a revision the current key signs",
+        description="Makes a new Ed25519 signing key and publishes a revision (no policy "
+        "change) signed by the current key whose keyring names the new key; once the broker "
+        "confirms it, the new key signs everything. Devices that read that revision trust the "
+        "new key, and the old one only for bundles issued within --overlap of now.",
+    )
+    krotate.add_argument(
+        "--overlap",
+        default="7d",
+        help="how long bundles signed by the old key stay good (default %(default)s; 0s for "
+        "a compromised key, then `keys revoke` it)",
+    )
+    krotate.set_defaults(func=cmd_keys_rotate)
+    krevoke = keys.add_parser(
+        "revoke",
+        parents=[common],
+        help="stop devices trusting a key at once (not the active one: rotate first)",
+    )
+    krevoke.add_argument("key_id")
+    krevoke.set_defaults(func=cmd_keys_revoke)
 
     devices = verbs.add_parser(
         "devices", parents=[common, as_json], help="desired versus reported state of every device"

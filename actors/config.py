@@ -85,6 +85,10 @@ class AgentConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_external: bool = False
+    # Where the device keeps its floor and trusted keys apart from the cache
+    # (actors/cache.py TrustFile); default: beside the cache directory,
+    # ``<cache_dir>.trust.json``.
+    trust_file: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, str):
@@ -135,6 +139,12 @@ class AgentConfig:
         if kind == "kubearmor":
             return KubeArmorSettings.from_config(self.backend)
         raise ValueError(f"backend: unknown kind {kind!r} (builtin or kubearmor)")
+
+    def trust_path(self) -> Path:
+        if self.trust_file:
+            return Path(self.trust_file)
+        cache = Path(self.cache_dir)
+        return cache.with_name(cache.name + ".trust.json")
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ from edgeward.transport.wire import CONFIRM_BUCKETS, Bundle, Heartbeat, decode
 from . import messages as m
 from .collector import retentions
 from .fleet import STATES, Desired, FleetRevision, advance, desired_for, device_state
+from .keys import KeyringError, KeyStore
 from .store import Store
 
 log = logging.getLogger("edgeward.control")
@@ -271,6 +272,7 @@ class PolicyDistributor(_Configured):
     def __init__(self) -> None:
         super().__init__()
         self.store: Store | None = None
+        self.keys: KeyStore | None = None
         self.signer: Signer | None = None
         self.link: Any = None
         self.mirror: Any = None
@@ -282,16 +284,75 @@ class PolicyDistributor(_Configured):
     def receiveMsg_Configure(self, msg: m.Configure, sender: Any) -> None:
         self.settings = msg.settings
         self.store = Store(store_path(msg.settings.home))
-        self.signer = Signer.load_or_create(key_path(msg.settings.home))
+        self.keys = KeyStore(msg.settings.home)
+        pending = self.keys.pending
+        if pending and pending["revision"] is None:
+            self.keys.abandon()  # made, never announced: as if never made
+        elif pending:
+            rev = self.store.revision(pending["revision"])
+            if rev is None:
+                self.keys.abandon()
+            elif rev.published:
+                self.keys.activate()
+        self.signer = self.keys.signer()
         self.link, self.mirror = msg.link, msg.mirror
         for rev in self.store.unpublished():  # a crash between store and confirm
             self._publish(rev.revision, "delta", None)
         self.send(sender, m.Reply(True, self.status()))
 
     def receiveMsg_SigningIdentity(self, msg: m.SigningIdentity, sender: Any) -> None:
-        if self.signer is None:
+        if self.keys is None:
             return self.not_configured(sender)
-        self.send(sender, m.Reply(True, {self.signer.key_id: self.signer.public_b64}))
+        # Every key the fleet trusts now (a new device learns which retire
+        # from its first bundle's keyring).
+        self.send(sender, m.Reply(True, {k: e["public"] for k, e in self.keys.keyring().items()}))
+
+    def receiveMsg_ListKeys(self, msg: m.ListKeys, sender: Any) -> None:
+        if self.keys is None:
+            return self.not_configured(sender)
+        self.send(sender, m.Reply(True, self.keys.rows()))
+
+    def receiveMsg_RotateKey(self, msg: m.RotateKey, sender: Any) -> None:
+        if self._busy(msg, sender):
+            return
+        assert self.keys is not None and self.store is not None
+        if msg.overlap < 0:
+            return self.send(sender, m.Reply.fail(m.BAD_INPUT, "the overlap must not be negative"))
+        old = self.keys.active
+        now = time.time()
+        try:
+            new = self.keys.rotate(msg.overlap, now)
+        except KeyringError as exc:
+            return self.send(sender, m.Reply.fail(m.BAD_INPUT, str(exc)))
+        summary = f"rotate signing key {old} -> {new.key_id}"
+        # Issued at the rotation's own time, so the old key's signature on
+        # it holds even with no overlap, and when published again later.
+        rev = self._forced_revision("rotate-key", summary, now)
+        self.keys.announce(rev.revision)
+        self._publish(rev.revision, "delta", sender)  # signed by the old key: all trust it
+
+    def receiveMsg_RevokeKey(self, msg: m.RevokeKey, sender: Any) -> None:
+        if self._busy(msg, sender):
+            return
+        assert self.keys is not None
+        try:
+            self.keys.revoke(msg.key_id)
+        except KeyringError as exc:
+            return self.send(sender, m.Reply.fail(m.BAD_INPUT, str(exc)))
+        rev = self._forced_revision("revoke-key", f"revoke signing key {msg.key_id}")
+        self._publish(rev.revision, "delta", sender)
+
+    def _forced_revision(self, action: str, summary: str, now: float | None = None) -> Any:
+        """A revision that changes no policy (it carries a new keyring)."""
+        assert self.store is not None
+        return self.store.add_revision(
+            issued_at=time.time() if now is None else now,
+            action=action,
+            summary=summary,
+            state=self._state(),
+            changed=[],
+            deleted=[],
+        )
 
     # Changes are serialised: one revision in flight at a time.
     def _busy(self, msg: Any, sender: Any) -> bool:
@@ -426,6 +487,12 @@ class PolicyDistributor(_Configured):
                 self.store.mark_published(revision)
                 rev = self.store.revision(revision)
                 assert rev is not None
+                pending = self.keys.pending if self.keys else None
+                if pending and pending["revision"] == revision:
+                    assert self.keys is not None
+                    key = self.keys.activate()
+                    self.signer = self.keys.signer()
+                    log.info("signing key %s announced in revision %s: it signs now", key, revision)
                 self.send(self.mirror, m.FleetChanged(revision, rev.state))
                 if client is not None:
                     self.send(
@@ -440,6 +507,10 @@ class PolicyDistributor(_Configured):
             elif client is not None:
                 # Nobody has seen it: take the number back so revisions stay dense.
                 self.store.drop_revision(revision)
+                pending = self.keys.pending if self.keys else None
+                if pending and pending["revision"] == revision:
+                    assert self.keys is not None
+                    self.keys.abandon()
                 self.send(client, m.Reply.fail(m.UNREACHABLE, msg.error))
             else:
                 log.warning("revision %s still unpublished: %s", revision, msg.error)
@@ -501,13 +572,17 @@ class PolicyDistributor(_Configured):
         else:
             policies = tuple(rev.state[n] for n in sorted(rev.state))
             deleted = ()
+        assert self.keys is not None
         bundle = Bundle(
             revision=revision,
-            issued_at=time.time(),
+            # A delta is issued when its revision was made (published again
+            # after a crash, it is the same statement); a snapshot, now.
+            issued_at=rev.issued_at if mode == "delta" else time.time(),
             mode=mode,
             policies=policies,
             deleted=deleted,
             sha256=rev.digest,
+            keyring=self.keys.keyring(),
         )
         self.token += 1
         # Deltas are in flight one at a time, to keep revisions in order;

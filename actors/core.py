@@ -46,6 +46,21 @@ Rules
     brings a pending retry of a failed apply forward to now; with nothing
     pending it changes nothing.
 
+Trust (keys and rollback)
+
+14. A bundle is verified against the keys the device trusts now: those of
+    the last bundle it accepted (``Bundle.keyring``), or its config's before
+    the first. A key with an ``until`` is trusted only for bundles issued up
+    to then (``key_expired``). Once a bundle is accepted, its keyring is
+    what the device trusts (a key left out is revoked); a keyring that names
+    a bad key is refused (``bad_keyring``) before anything changes.
+15. ``Started(floor)``: the host's record of the highest revision this
+    device accepted, kept apart from the cache. Without a trusted cache, or
+    with one older than the floor (put in force anyway: an old signed set
+    beats none; counted ``rollback``), the device accepts only a snapshot,
+    and never one older than the floor (skipped, as deltas are while it
+    waits).
+
 Telemetry records (only a core made with ``records=True``: the real agent,
 and the simulator's devices unless a scenario says ``telemetry = false``)
 
@@ -96,6 +111,9 @@ class CacheRecord:
 class Started:
     now: float
     cache: CacheRecord | None = None
+    # The highest fleet revision this device ever accepted, kept apart from
+    # the cache (rule 14): 0 when unknown.
+    floor: int = 0
 
 
 @dataclass(frozen=True)
@@ -308,6 +326,10 @@ class AgentCore:
         self._consume_wanted = False
         self._next_heartbeat = 0.0
 
+    #: The highest revision accepted before (rule 15); set only when known, as
+    #: most of a simulated fleet's cores never have one.
+    floor = 0
+
     # The one entry point.
     def handle(self, event: Event) -> list[Effect]:
         self._now = max(self._now, event.now)
@@ -344,6 +366,8 @@ class AgentCore:
         if self._started:
             raise LocalProtocolError("Started twice")
         self._started = True
+        if ev.floor > 0:
+            self.floor = ev.floor
         effects: list[Effect] = []
         if ev.cache is not None:
             problem, digests = self._check_cache(ev.cache)
@@ -367,6 +391,23 @@ class AgentCore:
                 )
         if not self._startup_apply:
             self.state.status = "ok"
+        if self.state.revision < self.floor:
+            # The cache is gone, or older than what this device accepted
+            # before (restored from a backup?): only a snapshot at or past
+            # the floor brings it back.
+            self.state.awaiting_snapshot = True
+            if ev.cache is not None:
+                self.state.rejected["rollback"] += 1
+            effects.append(
+                Report(
+                    "warning",
+                    f"cache at revision {self.state.revision}, but this device accepted "
+                    f"revision {self.floor} before: waiting for a snapshot of at least that",
+                )
+            )
+            effects.extend(
+                self._emit("rollback_guard", revision=self.state.revision, floor=self.floor)
+            )
         return effects
 
     def _check_cache(self, cache: CacheRecord) -> tuple[str, dict[str, str]]:
@@ -471,6 +512,10 @@ class AgentCore:
             bundle = self.verifier.verify(signed)
         except RemoteProtocolError as exc:
             return self._reject(ev, exc.reason, exc.detail)
+        try:
+            self.verifier.rekeyed(bundle.keyring)  # a bad key refuses the bundle, now
+        except ValueError as exc:
+            return self._reject(ev, "bad_keyring", str(exc))
 
         if bundle.mode == "delta":
             if bundle.revision <= s.revision:
@@ -491,6 +536,10 @@ class AgentCore:
         else:
             if bundle.revision < s.revision:
                 return self._reject(ev, "stale", f"snapshot {bundle.revision} < {s.revision}")
+            if bundle.revision < self.floor:
+                # Older than what this device accepted before its cache went:
+                # history on the stream (or a replay); it waits on.
+                return self._skip(ev)
             if bundle.revision == s.revision:
                 if bundle.sha256 == combine(s.fleet_digests):
                     return self._skip(ev)
@@ -567,12 +616,13 @@ class AgentCore:
         s.revision = bundle.revision
         s.offset = ev.offset
         s.last_bundle = ev.body
+        keys_changed = self._adopt_keyring(bundle)
         if self.shared is not None:
             fleet, digests = self.shared.state(bundle.sha256, fleet, digests)
             s.last_bundle = self.shared.blob(ev.body)
         s.fleet = fleet
         s.fleet_digests = digests
-        effects: list[Effect] = []
+        effects: list[Effect] = list(keys_changed)
         if changed:
             s.applied_revision = bundle.revision
             self._cached_digest = s.in_force_digest
@@ -585,6 +635,24 @@ class AgentCore:
         if changed:
             effects.extend(self._heartbeat_now())
         return effects
+
+    def _adopt_keyring(self, bundle: Bundle) -> list[Effect]:
+        """Rule 14: the keys of an accepted bundle are the ones trusted next."""
+        before = self.verifier
+        try:
+            self.verifier = before.rekeyed(bundle.keyring)
+        except ValueError:  # checked when the bundle came: cannot happen
+            return []
+        if self.verifier is before:
+            return []
+        ids = ", ".join(
+            k + ("" if e["until"] is None else f" (until {e['until']:.0f})")
+            for k, e in self.verifier.keyring.items()
+        )
+        return [
+            Report("info", f"trusted signing keys now: {ids}"),
+            *self._emit("keys_changed", keys=sorted(self.verifier.key_ids)),
+        ]
 
     def _applied_event(self) -> list[Effect]:
         s = self.state

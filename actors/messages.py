@@ -118,6 +118,24 @@ class Enroll:
 
 
 @dataclass(frozen=True)
+class RotateKey:
+    """CLI -> PolicyDistributor: a new signing key; the active one retires
+    for bundles issued more than ``overlap`` seconds from now."""
+
+    overlap: float
+
+
+@dataclass(frozen=True)
+class RevokeKey:
+    key_id: str
+
+
+@dataclass(frozen=True)
+class ListKeys:
+    pass
+
+
+@dataclass(frozen=True)
 class Revoke:
     """CLI -> DeviceMirror and TelemetryCollector (-> its reader): the device is revoked."""
 

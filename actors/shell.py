@@ -121,6 +121,7 @@ class AgentShell:
                 return c.ApplyResult(self.clock(), True, digest)
             case c.Persist(record=record):
                 self.cache.store(record)
+                self.persisted(record)
             case c.Ack(tag=tag):
                 if self.channel is not None and self.channel.is_open:
                     self.channel.basic_ack(tag)
@@ -157,6 +158,13 @@ class AgentShell:
         too overrides this)."""
         return self.backend.apply(policies, digest)
 
+    def persisted(self, record: c.CacheRecord) -> None:
+        """The cache took ``record`` (a host that keeps more does it here)."""
+
+    def floor(self) -> int:
+        """The highest revision this device accepted, as kept apart from the cache."""
+        return 0
+
     def applied(self, revision: int, policies: Sequence[Any]) -> None:
         """A set was put in force."""
         names = ", ".join(sorted(p["metadata"]["name"] for p in policies)) or "none"
@@ -170,7 +178,7 @@ class AgentShell:
 
     def start(self) -> None:
         """Put the cached policy in force; touches no network."""
-        self.feed(c.Started(self.clock(), self.cache.load()))
+        self.feed(c.Started(self.clock(), self.cache.load(), self.floor()))
 
     def tick(self) -> None:
         self.feed(c.Tick(self.clock()))

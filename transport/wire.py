@@ -345,6 +345,11 @@ class Bundle:
     sha256: str
     deleted: tuple[str, ...] = ()
     digests: dict[str, str] = field(default_factory=dict)  # filled from policies if empty
+    # The keys devices are to trust from this revision on (signing.py):
+    # key id -> {"public": base64 raw Ed25519 key, "until": None, or the
+    # latest ``issued_at`` a bundle signed by it may carry}. Empty: no
+    # statement (devices keep the keys they have).
+    keyring: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -368,6 +373,7 @@ class Bundle:
                 "digests": dict(self.digests),
                 "deleted": list(self.deleted),
                 "sha256": self.sha256,
+                **({"keyring": self.keyring} if self.keyring else {}),
             }
         )
 
@@ -398,7 +404,35 @@ class Bundle:
             deleted=tuple(deleted),
             sha256=_require(obj, "sha256", str),
             digests=digests,
+            keyring=_keyring(obj.get("keyring", {})),
         )
+
+
+#: At most this many keys in a keyring (a rotation keeps two or three).
+MAX_KEYS = 16
+
+
+def _keyring(value: Any) -> dict[str, dict[str, Any]]:
+    """A bundle's keyring, checked for shape (the keys themselves: signing.py)."""
+    if not isinstance(value, dict) or len(value) > MAX_KEYS:
+        raise RemoteProtocolError("bad_keyring", f"a map of at most {MAX_KEYS} keys")
+    out: dict[str, dict[str, Any]] = {}
+    for key_id, entry in value.items():
+        if not isinstance(entry, dict) or set(entry) != {"public", "until"}:
+            raise RemoteProtocolError("bad_keyring", f"key {str(key_id)[:32]!r}: public, until")
+        public, until = entry["public"], entry["until"]
+        if not isinstance(public, str) or len(public) > 64:
+            raise RemoteProtocolError("bad_keyring", f"key {key_id!r}: public must be base64")
+        if until is not None and (
+            not isinstance(until, int | float)
+            or isinstance(until, bool)
+            or not math.isfinite(until)
+        ):
+            raise RemoteProtocolError("bad_keyring", f"key {key_id!r}: until must be a time")
+        out[key_id] = {"public": public, "until": None if until is None else float(until)}
+    if value and not any(e["until"] is None for e in out.values()):
+        raise RemoteProtocolError("bad_keyring", "no key without an end: devices would trust none")
+    return out
 
 
 def _policy_name(doc: dict[str, Any]) -> str | None:
