@@ -133,6 +133,29 @@ def _check_tls(urls: list[str]) -> None:
         raise CliError("bad_input", str(exc)) from None
 
 
+def cmd_broker_control_plane_user(args: argparse.Namespace) -> int:
+    urls = split_urls(args.broker_url)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CliError("bad_input", f"--out {out}: exists (--force replaces it and the secret)")
+    secret = secrets.token_urlsafe(32)
+    admin = _management(args)
+    for vhost in sorted({vhost_of(u) for u in urls}):
+        admin.put_control_plane_user(vhost, args.name, secret)
+    url = ",".join(with_login(u, args.name, secret) for u in urls)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"EDGEWARD_BROKER_URL={url}\n")
+    print(
+        f"broker user {args.name!r}: configure, write and read on edgeward.* only, no tags; "
+        f"its login is in {out} (mode 0600) as EDGEWARD_BROKER_URL=... for the control "
+        "plane's environment (systemd EnvironmentFile=). Enrol and revoke devices with an "
+        "administrator's --management-url: this user cannot make users."
+    )
+    return 0
+
+
 def _retention(args: argparse.Namespace):
     from edgeward.transport.topology import Retention
 
@@ -947,6 +970,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=0.0, help="keep trying this many seconds before giving up"
     )
     up.set_defaults(func=cmd_broker_up)
+
+    cpuser = broker.add_parser(
+        "control-plane-user",
+        parents=[common, management],
+        help="make the control plane's own least-privilege broker user",
+        description="Makes (or resets) a broker user for the control plane that may declare, "
+        "bind, publish and read only edgeward's exchanges and queues in the broker URL's "
+        "vhost, and has no management tags; writes its login to --out (mode 0600). Run it with "
+        "an administrator's login in --broker-url (or --management-url).",
+    )
+    cpuser.add_argument("name", help="the user name, e.g. edgeward-control-plane")
+    cpuser.add_argument("--out", required=True, metavar="FILE", help="where its login goes")
+    cpuser.add_argument("--force", action="store_true", help="replace an existing --out")
+    cpuser.set_defaults(func=cmd_broker_control_plane_user)
 
     cp = verbs.add_parser("control-plane", help="the central control plane").add_subparsers(
         dest="sub", required=True, metavar="ACTION"

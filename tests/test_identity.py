@@ -320,3 +320,49 @@ def test_a_device_enrolled_with_the_shared_login_is_accepted_only_when_the_contr
         assert fleet.devices()[DEVICE]["last_seen"] == before
     finally:
         fleet.close()
+
+
+# == the control plane's own login ================================================
+
+
+def test_the_control_plane_runs_on_a_login_limited_to_edgewards_names(
+    tmp_path: Path, broker_url: str, broker_admin
+) -> None:
+    # Given a least-privilege user made for the control plane
+    fleet = Fleet(tmp_path / "home", broker_url)
+    out = tmp_path / "control-plane.env"
+    said = fleet.cli("broker", "control-plane-user", "edgeward-cp-test", "--out", str(out))
+    assert "edgeward.* only" in said and stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    cp_url = out.read_text().strip().split("=", 1)[1]
+    assert pika.URLParameters(cp_url).credentials.username == "edgeward-cp-test"
+    try:
+        # When the control plane runs on it (devices enrolled with the admin's API login)
+        fleet.env["EDGEWARD_BROKER_URL"] = cp_url
+        fleet.start_control_plane()
+        admin_api = "http://guest:guest@127.0.0.1:15672/api"
+        config = fleet.enroll(DEVICE, "store=berlin", extra=["--management-url", admin_api])
+        fleet.start_agent(DEVICE)
+        doc = {
+            "apiVersion": "security.kubearmor.com/v1",
+            "kind": "KubeArmorHostPolicy",
+            "metadata": {"name": "block-curl"},
+            "spec": {
+                "nodeSelector": {"matchLabels": {"store": "berlin"}},
+                "process": {"matchPaths": [{"path": "/usr/bin/curl"}]},
+                "action": "Block",
+            },
+        }
+        (tmp_path / "p.json").write_text(json.dumps(doc))
+        fleet.cli("policy", "apply", str(tmp_path / "p.json"))
+        # Then the device comes in sync through it
+        fleet.wait_states({DEVICE: "in_sync"}, timeout=60)
+        assert config.exists()
+        # But outside edgeward's names the broker refuses it
+        assert refusal(cp_url, lambda ch: ch.queue_declare("other", durable=True))[0] == 403
+        assert refusal(cp_url, lambda ch: publish(ch, "amq.topic", "x"))[0] == 403
+        # And it cannot make users (no management tag)
+        with pytest.raises(RuntimeError, match="401"):
+            ManagementAPI.for_amqp_url(cp_url).put_device_user(vhost_of(cp_url), "x", "y")
+    finally:
+        fleet.close()
+        broker_admin.request("DELETE", "/users/edgeward-cp-test")

@@ -38,6 +38,12 @@ DEVICE_TOPIC_WRITE = r"^telemetry\.{username}\.[a-z]+$"
 DEVICE_MAX_CONNECTIONS = 1
 
 
+#: What the control plane's own broker user may do: declare and bind its
+#: topology, publish bundles, read heartbeats and the audit trail — on
+#: edgeward's names only, in its vhost only; no management login, no tags.
+CONTROL_PLANE_PATTERN = r"^edgeward\."
+
+
 def device_grants() -> dict[str, Any]:
     """The permissions of a device user, as the API shows them."""
     return {
@@ -134,6 +140,12 @@ class ManagementAPI:
             f"/user-limits/{self._q(name)}/max-connections",
             {"value": DEVICE_MAX_CONNECTIONS},
         )
+
+    def put_control_plane_user(self, vhost: str, name: str, password: str) -> None:
+        """Make (or reset) ``name`` as the control plane's user of ``vhost``."""
+        self.request("PUT", f"/users/{self._q(name)}", {"password": password, "tags": ""})
+        pattern = CONTROL_PLANE_PATTERN
+        self.set_permissions(vhost, name, pattern, pattern, pattern)
 
     def delete_user(self, name: str) -> bool:
         """Delete ``name``; False when there was no such user."""
