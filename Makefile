@@ -9,11 +9,12 @@ STAMP  := $(VENV)/.installed
 CLEAN_PATHS := $(VENV) .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
 
 .DEFAULT_GOAL := help
-.PHONY: help venv broker test lint fmt demo bench clean protos
+.PHONY: help venv broker prometheus test lint fmt demo bench clean protos
 
 help:
 	@echo "make venv    create $(VENV) ($(PYTHON) -m venv) and pip install -e '.[test]'"
 	@echo "make broker  make sure RabbitMQ answers on 127.0.0.1 (scripts/ensure-broker)"
+	@echo "make prometheus  install Debian's prometheus + promtool if missing (scripts/ensure-prometheus)"
 	@echo "make test    lint, then pytest (needs venv + broker)"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make fmt     sort imports and format with ruff"
@@ -35,12 +36,17 @@ $(STAMP): setup.cfg pyproject.toml
 broker:
 	@bash scripts/ensure-broker
 
+# Debian's prometheus/promtool (and systemd-analyze) for tests/test_charts.py;
+# its own service is stopped: the tests run their own Prometheus.
+prometheus:
+	@bash scripts/ensure-prometheus
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 # pytest exits 5 when it collected no tests; that is a failure here too.
-test: venv broker
+test: venv broker prometheus
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@$(BIN)/pytest -q || { rc=$$?; \
