@@ -222,7 +222,7 @@ class AuditStore:
                 high = max(offset for offset, _ in records)
                 by_kind = db.execute(
                     "SELECT severity, policy, count(*) FROM records WHERE stream_offset"
-                    " BETWEEN ? AND ? AND type = 'alert' GROUP BY severity, policy",
+                    " BETWEEN ? AND ? AND +type = 'alert' GROUP BY severity, policy",
                     (low, high),
                 ).fetchall()
             db.executemany(

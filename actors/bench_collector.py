@@ -29,6 +29,7 @@ prefetch 500) unless ``--batch``/``--batch-ms`` say otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -133,6 +134,9 @@ class CollectorBench:
         self.settings = m.Settings(
             home=str(self.home),
             broker_url=self.url,
+            # The bench publishes for many devices on one login, so its
+            # records carry no user_id; the check itself is a string compare.
+            allow_shared_login=True,
             **({"collector_batch": args.batch} if args.batch else {}),
             **({"collector_batch_ms": args.batch_ms} if args.batch_ms else {}),
         )
@@ -258,7 +262,13 @@ class CollectorBench:
         self.say(f"publishing {n} heartbeats of {size} bytes to the stream and the queue ...")
         t0 = time.monotonic()
         for i in range(n):
-            pub.raw(f"telemetry.pos-{i % 35000:05d}.heartbeat", hb.encode())
+            # Each device's own heartbeat, as the mirror would believe it
+            # (same size: the names are as long as the template's).
+            name = f"pos-{i % 35000:05d}"
+            beat = dataclasses.replace(
+                hb, device=name, labels={**hb.labels, "kubearmor.io/hostname": name}
+            )
+            pub.raw(f"telemetry.{name}.heartbeat", beat.encode())
             if i % 500 == 499:
                 pub.flush()
         pub.settle()

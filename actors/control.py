@@ -88,6 +88,9 @@ class _Configured(ActorTypeDispatcher):
 # -- BrokerLink --------------------------------------------------------------
 
 
+REFUSAL_LOG_EVERY = 10.0  # seconds between log lines about refused heartbeats
+
+
 class BrokerLink(_Configured):
     HEARTBEAT_PREFETCH = 500
 
@@ -102,6 +105,8 @@ class BrokerLink(_Configured):
         self.batch: list[dict] = []
         self.malformed = 0
         self.refused = 0
+        self.refused_total = 0  # flushed to the mirror so far
+        self.refusal_logged_at = -REFUSAL_LOG_EVERY
         self.last_tag = 0
         self.last_error = ""
 
@@ -247,18 +252,25 @@ class BrokerLink(_Configured):
             or (user_id is None and not self.settings.allow_shared_login)
         ):
             self.refused += 1
-            log.warning(
-                "refused a heartbeat naming %r, routed %r, from user %r",
-                hb.device,
-                method.routing_key,
-                user_id,
-            )
+            # One line per REFUSAL_LOG_EVERY seconds at most: a flood of
+            # forged heartbeats must not become a flood of log lines.
+            now = time.monotonic()
+            if now >= self.refusal_logged_at + REFUSAL_LOG_EVERY:
+                self.refusal_logged_at = now
+                log.warning(
+                    "refused a heartbeat naming %r, routed %r, from user %r (%s refused so far)",
+                    hb.device,
+                    method.routing_key,
+                    user_id,
+                    self.refused_total + self.refused,
+                )
             return
         self.batch.append(asdict(hb))
 
     def _flush(self) -> None:
         if self.batch or self.malformed or self.refused:
             self.send(self.mirror, m.Heartbeats(tuple(self.batch), self.malformed, self.refused))
+            self.refused_total += self.refused
             self.batch, self.malformed, self.refused = [], 0, 0
         if self.last_tag and self.channel is not None:
             self.channel.basic_ack(self.last_tag, multiple=True)
