@@ -1245,6 +1245,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="M devices per AMQP connection, to show what sharing would save",
     )
+    sim.add_argument(
+        "--shared-login",
+        action="store_true",
+        help="every device logs in with the broker URL's login (no user_id) instead of a "
+        "broker user of its own, made for the run and removed after it (the default; "
+        "--share-connections implies this)",
+    )
     sim.add_argument("--no-baseline", action="store_true", help="skip the raw baseline phase")
     sim.add_argument(
         "--baseline-only",

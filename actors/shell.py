@@ -297,6 +297,9 @@ class Link:
             params = parameters(
                 self.url, heartbeat=self.heartbeat, timeout=self.timeout, name=self.name
             )
+            credentials = self.login()
+            if credentials is not None:
+                params.credentials = credentials
         except Exception as exc:  # a bad URL is a config error: say it and retry
             self.on_event("bad_url", f"{redact(self.url)}: {exc}")
             self._schedule_reconnect()
@@ -308,6 +311,11 @@ class Link:
             on_close_callback=self._on_closed,
             custom_ioloop=self.loop,
         )
+
+    def login(self) -> Any:
+        """The pika credentials to log in with, or None for the URL's login
+        (the simulator's per-device links derive theirs at each connect)."""
+        return None
 
     def _schedule_reconnect(self, delay: float | None = None) -> None:
         if self.wanted and self._retry is None:

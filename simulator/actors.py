@@ -284,7 +284,7 @@ class TelemetryCounter(ActorTypeDispatcher):
         offset = (properties.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):
             self.offset = offset + 1
-        self.tally.add(body, now)
+        self.tally.add(body, now, properties.user_id)
         self.last_read = time.monotonic()
         self.unacked += 1
         if self.unacked >= COUNTER_ACK_EVERY:

@@ -123,6 +123,9 @@ class RunData:
     telemetry_waiting: int = 0  # still in outboxes when the run ended
     telemetry_waiting_offline: int = 0  # of those, on devices meant offline then
     telemetry_duplicates: int = 0  # records read again (resent after a lost confirm)
+    # Of the records read, those published with the AMQP user_id of their
+    # device (None: not counted, a run from before the counter looked).
+    telemetry_stamped: int | None = None
     # Whether every online device's outbox was empty and the stream had
     # everything before the end (None: no telemetry, or not waited for).
     telemetry_drained: bool | None = None
@@ -133,6 +136,13 @@ class RunData:
     # per-device figure is measured above.
     client_base_rss_bytes: int = 0
     ramp_seconds: float | None = None  # first connect attempt -> all online devices connected
+    # How devices logged in (logins.DeviceLogins.figures): "mode" is "device"
+    # (a broker user each: "setup_s" = "users_s" before any phase + the
+    # "grants_s" of each phase's vhost; "revoke_s" before each vhost went;
+    # "removed" / "left" / "problem" at the end) or "shared" (the broker
+    # URL's login, with "reason"). Empty: a run from before per-device users,
+    # which all logged in with the shared login.
+    logins: dict[str, Any] = field(default_factory=dict)
     reconnect: dict[str, float | None] = field(default_factory=dict)  # storm figures
     duration: float = 0.0
     completed: bool = False  # False for a run stopped early (Ctrl-C)

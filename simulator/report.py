@@ -190,6 +190,7 @@ def compute(
     broker = _broker(run, notes)
     client = _client(run)
     converged, convergence = _convergence(run, notes)
+    logins = _logins(run, notes)
 
     return {
         "devices": run.devices,
@@ -229,6 +230,7 @@ def compute(
         "machine": run.machine,
         "verify": run.verify,
         "share_connections": run.share_connections,
+        "logins": logins,
         "broker_config": run.broker_config,
         "brokers": run.brokers,
         "nodes": run.nodes,
@@ -420,6 +422,48 @@ def _errors(run: RunData) -> dict[str, Any]:
     }
 
 
+def _logins(run: RunData, notes: list[str]) -> dict[str, Any]:
+    """How the devices logged in, and what making (and removing) their
+    broker users took: set-up, before any phase, not part of the ramp."""
+    logins = dict(run.logins) or {
+        "mode": "shared",
+        "reason": "a run from before the simulator made a broker user per device",
+    }
+    if logins.get("mode") != "device":
+        notes.append(
+            "Logins: every device logged in with the shared login of the broker URL "
+            f"({logins.get('reason', 'asked for')}), not as a broker user of its own, and "
+            "stamped no user_id: real devices each have a user (enroll), which the broker "
+            "checks at every login and publish."
+        )
+        return logins
+    if logins.get("problem"):
+        notes.append(f"Logins: {logins['problem']}.")
+    elif logins.get("left"):
+        notes.append(
+            f"Logins: {logins['left']:,} of the run's device users were still on the broker "
+            "after it."
+        )
+    if logins.get("limit_applied") is False:
+        notes.append(
+            "Logins: the broker did not keep the device users' max-connections limit "
+            "(is the user_limits feature flag off?): devices could open more than one "
+            "connection, and the broker counted none per user."
+        )
+    if logins.get("existing_before"):
+        notes.append(
+            f"Logins: {logins['existing_before']:,} users named like this run's devices were "
+            "already on the broker (left by an earlier run?); they were replaced, then removed."
+        )
+    stamped = run.telemetry_stamped
+    if stamped is not None and stamped < run.telemetry_received:
+        notes.append(
+            f"Logins: only {stamped:,} of the {run.telemetry_received:,} telemetry records read "
+            "carried their device's user_id."
+        )
+    return logins
+
+
 def _telemetry(run: RunData, notes: list[str]) -> dict[str, Any]:
     accounted = run.telemetry_received + run.telemetry_dropped_reported
     balanced = run.telemetry_sent == accounted
@@ -449,6 +493,8 @@ def _telemetry(run: RunData, notes: list[str]) -> dict[str, Any]:
         "waiting_at_end": run.telemetry_waiting,
         "waiting_offline_at_end": run.telemetry_waiting_offline,
         "duplicates_read": run.telemetry_duplicates,
+        # Records published with their device's broker login as user_id.
+        "stamped": run.telemetry_stamped,
         "drained": run.telemetry_drained,
         # Device's record time -> read from the stream, per distinct record.
         "latency_ms": {k: latency.get(k) for k in ("p50", "p90", "p99", "max")},
@@ -1125,6 +1171,7 @@ def markdown(figures: dict[str, Any], run: RunData) -> str:
         f"`{f['broker_config']}`, {len(f['nodes'])} node(s); verify: `{f['verify']}`; "
         f"connections: "
         + ("one per device" if not f["share_connections"] else f"shared ({f['share_connections']})")
+        + f"; logins: {_logins_word(f['logins'])}"
         + f"; {f['workers']} worker process(es)."
     )
     add("")
@@ -1178,6 +1225,7 @@ def markdown(figures: dict[str, Any], run: RunData) -> str:
         f"{_fmt(_reconnect_figure(rec, 'sync'), 's', 1)} |"
     )
     add(f"| Errors (all kinds) | {_fmt(f['errors']['total'])} |")
+    add(f"| Device logins | {_logins_figure(f['logins'])} |")
     if tel["exercised"]:
         waiting = tel["waiting_at_end"]
         add(
@@ -1283,6 +1331,38 @@ def markdown(figures: dict[str, Any], run: RunData) -> str:
         add(f"- {note}")
     add("")
     return "\n".join(lines)
+
+
+def _logins_word(logins: dict[str, Any]) -> str:
+    if logins.get("mode") == "device":
+        return "a broker user per device"
+    return "shared (the broker URL's)"
+
+
+def _logins_figure(logins: dict[str, Any]) -> str:
+    """The headline's cell: how devices logged in, and the set-up's cost."""
+    if logins.get("mode") != "device":
+        return f"shared login of the broker URL ({logins.get('reason', 'asked for')})"
+    grants = logins.get("grants_s") or {}
+    steps = [f"users {_fmt(logins.get('users_s'), 's', 1)}"] + [
+        f"{phase} grants {_fmt(seconds, 's', 1)}" for phase, seconds in grants.items()
+    ]
+    text = (
+        f"a broker user each ({logins.get('users', 0):,} made, device grants, "
+        f"max-connections 1); set-up {_fmt(logins.get('setup_s'), 's', 1)} "
+        f"({', '.join(steps)}), before the phases, not in the ramp"
+    )
+    revoked = logins.get("revoke_s") or {}
+    if revoked:
+        text += (
+            "; grants revoked before each vhost went ("
+            + ", ".join(f"{phase} {_fmt(seconds, 's', 1)}" for phase, seconds in revoked.items())
+            + ")"
+        )
+    removed = logins.get("removed")
+    if removed is not None:
+        text += f"; {removed:,} removed after the run in {_fmt(logins.get('remove_s'), 's', 1)}"
+    return text
 
 
 def _describe_action(action: Action) -> str:

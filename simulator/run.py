@@ -3,8 +3,10 @@
 The run, in order:
 
 1. the broker: a throwaway local cluster (``--local-cluster K``) or the
-   nodes given (``--broker``); two fresh vhosts on it, one for the raw
-   baseline and one for edgeward, removed at the end;
+   nodes given (``--broker``); a broker user per device, as ``enroll`` makes
+   them (``logins.py``; not with ``--shared-login`` or shared connections),
+   granted in each of two fresh vhosts, one for the raw baseline and one for
+   edgeward; vhosts and users removed at the end;
 2. the raw baseline (unless the scenario says ``baseline = false``): every
    device connects and consumes the policy stream but only acks; probes are
    published and their fan-out timed;
@@ -44,6 +46,7 @@ from edgeward.transport.signing import Signer
 from edgeward.transport.wire import Bundle
 
 from . import model
+from .logins import DeviceLogins, Stopped, new_secret, remove_quietly
 from .scenario import Scenario, Step, device_name, labels_for
 
 SETTLE = 5.0
@@ -237,6 +240,9 @@ class Runner:
         self.director: Any = None
         self.api: ManagementAPI | None = None
         self.vhosts: list[str] = []
+        # Per-device broker users (None: the shared login of the URLs).
+        self.logins: DeviceLogins | None = None
+        self.secret = b""  # the run's secret the device passwords derive from
         self.labels = [labels_for(scenario, i) for i in range(scenario.devices)]
         self.run: model.RunData | None = None
         self.baseline_broker: list[model.BrokerSample] = []
@@ -276,6 +282,70 @@ class Runner:
         self.api = ManagementAPI.for_amqp_url(urls[0])
         self.api.timeout = API_TIMEOUT
         return urls, metrics, "as found"
+
+    def _shared_login_reason(self) -> str | None:
+        """Why devices log in with the URLs' login, or None: a user each."""
+        if self.share > 1:
+            return (
+                f"--share-connections {self.share}: a connection shared by {self.share} "
+                "devices is one login, not one user per device"
+            )
+        if self.scenario.shared_login:
+            return "asked for: --shared-login, or shared_login = true in the scenario"
+        return None
+
+    def _make_logins(self, run: model.RunData) -> None:
+        """A broker user per device, before any phase (set-up, not the ramp)."""
+        reason = self._shared_login_reason()
+        if reason is not None:
+            run.logins = {"mode": "shared", "reason": reason}
+            return
+        assert self.api is not None
+        self.secret = new_secret()
+        self.logins = DeviceLogins(
+            self.api,
+            [device_name(i) for i in range(self.scenario.devices)],
+            self.secret,
+            out=self.out,
+            stop=self.abort.is_set,
+        )
+        run.logins = self.logins.figures
+        self.out(f"making {self.scenario.devices:,} device users ...")
+        seconds = self._patiently(self.logins.create)
+        self.out(f"  {self.scenario.devices:,} device users made in {seconds:.1f} s")
+
+    def _patiently(self, call):
+        """``call()``, retried while the management API is busy."""
+        deadline = time.monotonic() + API_PATIENCE
+        while True:
+            try:
+                return call()
+            except BrokerUnreachable as exc:
+                # A node that just closed tens of thousands of connections can
+                # keep its management API busy for a minute: wait, then give up.
+                if time.monotonic() > deadline or self.abort.is_set():
+                    raise
+                self.out(f"management API busy ({exc}); retrying")
+                time.sleep(5)
+
+    def _grant(self, vhost: str, label: str) -> None:
+        """The device users' grants in a phase's vhost (their share of the set-up)."""
+        logins = self.logins
+        if logins is None:
+            return
+        raw = label == "raw"
+        raw_queues = raw and self.baseline_delivery == "queue"
+        # Raw devices publish nothing: a topic permission would only cost the teardown.
+        seconds = self._patiently(
+            lambda: logins.grant(vhost, label, raw_queues=raw_queues, topic=not raw)
+        )
+        self.out(f"  device users granted in {vhost} in {seconds:.1f} s")
+        if raw_queues and self.run is not None:
+            self.run.notes.append(
+                "Logins: with --baseline-delivery queue, raw devices may also declare, bind and "
+                "read server-named queues (amq.gen-*) in the baseline's vhost, which device "
+                "users may not."
+            )
 
     def _vhost(self, urls: list[str], name: str) -> list[str]:
         assert self.api is not None
@@ -363,6 +433,7 @@ class Runner:
                     delivery=self.baseline_delivery,
                     verify=self.verify,
                     share=max(1, self.share),
+                    login_secret=self.secret,
                     heartbeat_interval=s.heartbeat_interval,
                     ramp_rate=s.ramp_rate / n,
                     reconnect_spread=s.reconnect_spread,
@@ -673,6 +744,7 @@ class Runner:
         if counted is not None:
             run.telemetry_received = counted.counts.get("received", 0)
             run.telemetry_duplicates = counted.counts.get("duplicates", 0)
+            run.telemetry_stamped = counted.counts.get("stamped")
             run.telemetry_latency_ms = dict(counted.latency_ms or {})
             if counted.counts.get("malformed"):
                 run.notes.append(
@@ -705,9 +777,11 @@ class Runner:
             versions=_versions(),
         )
         try:
+            self._make_logins(run)
             self._start_actors()
             if s.baseline:
                 raw_urls = self._vhost(urls, f"edgeward-sim-{run_id}-raw")
+                self._grant(f"edgeward-sim-{run_id}-raw", "raw")
                 self.out(f"baseline: {s.devices} raw devices over {len(urls)} node(s)")
                 run.baseline = self.baseline(raw_urls, metrics)
                 self._drop_vhost(f"edgeward-sim-{run_id}-raw")
@@ -719,6 +793,7 @@ class Runner:
                 )
                 raise _BaselineOnly()
             sim_urls = self._vhost(urls, f"edgeward-sim-{run_id}")
+            self._grant(f"edgeward-sim-{run_id}", "edgeward")
             self.out(
                 f"edgeward: {s.devices} devices, {s.worker_count} worker(s), "
                 f"verify={self.verify}, "
@@ -727,11 +802,12 @@ class Runner:
                     if self.share > 1
                     else "one connection per device"
                 )
+                + (", a broker user each" if self.logins else ", the shared login"),
             )
             self.edgeward(sim_urls, metrics, run)
         except _BaselineOnly:
             pass
-        except Aborted:
+        except (Aborted, Stopped):
             self.out("\ninterrupted: writing a partial report")
             run.completed = False
         except Exception as exc:
@@ -752,6 +828,17 @@ class Runner:
 
     def _drop_vhost(self, name: str) -> None:
         if self.api is not None and name in self.vhosts:
+            logins = self.logins
+            if logins is not None and name in logins.granted:
+                # Deleting a vhost clears its grants in one transaction that
+                # grows with the square of the users: revoke them first.
+                self.out(f"revoking the device users' grants in {name} ...")
+                try:
+                    seconds = self._patiently(lambda: logins.revoke(name))
+                    self.out(f"  revoked in {seconds:.1f} s")
+                except Exception as exc:
+                    logins.figures["problem"] = f"grants in {name} were not revoked: {exc}"
+                    self.out(f"  {logins.figures['problem']}")
             try:
                 self.api.delete_vhost(name)
             except Exception:
@@ -767,6 +854,18 @@ class Runner:
             self.asys = None
         for name in list(self.vhosts):
             self._drop_vhost(name)
+        # After the vhosts, their grants revoked: each user's deletion scans
+        # every grant left on the broker.
+        if self.logins is not None:
+            self.out("removing the device users ...")
+            problem = remove_quietly(self.logins, API_PATIENCE, self.out)
+            if problem:
+                self.logins.figures["problem"] = problem
+                self.out(f"  {problem}")
+            else:
+                f = self.logins.figures
+                self.out(f"  {f['removed']:,} device users removed in {f['remove_s'] or 0:.1f} s")
+            self.logins = None
         if self.cluster is not None:
             self.out("stopping the local cluster ...")
             self.cluster.stop()
@@ -817,6 +916,8 @@ def simulate(args: Any) -> int:
         scenario = replace(scenario, ramp_rate=args.ramp_rate)
     if args.no_baseline:
         scenario = replace(scenario, baseline=False)
+    if getattr(args, "shared_login", False):
+        scenario = replace(scenario, shared_login=True)
     if args.baseline_only and args.no_baseline:
         raise ValueError("--baseline-only and --no-baseline contradict each other")
     if args.local_cluster and args.broker:

@@ -11,6 +11,8 @@ alert_rate = 0.0            # alerts per device per second (Poisson), sent as te
 outbox_max_records = 10000  # each device's telemetry outbox bound (the agent's default)
 verify = "every"            # "every" device verifies every bundle, or "cached" per worker
 baseline = true             # measure the raw broker floor first (devices that only ack)
+shared_login = false        # true: every device logs in with the broker URL's login
+                            # (``--shared-login``) instead of a broker user of its own
 workers = 0                 # worker processes; 0 = one per 5,000 devices
 
 [labels]                    # the label mix: key -> {value = weight}
@@ -74,6 +76,7 @@ class Scenario:
     outbox_max_records: int = DEFAULT_MAX_RECORDS
     verify: str = "every"
     baseline: bool = True
+    shared_login: bool = False
     workers: int = 0
     labels: dict[str, dict[str, float]] = field(default_factory=dict)
     ramp_rate: float = 200.0
@@ -123,6 +126,7 @@ KNOWN = {
     "outbox_max_records",
     "verify",
     "baseline",
+    "shared_login",
     "workers",
     "labels",
     "ramp",
@@ -205,6 +209,7 @@ def parse(text: str, source: str = "<scenario>") -> Scenario:
         ),
         verify=verify,
         baseline=_get(data, "baseline", bool, w, True),
+        shared_login=_get(data, "shared_login", bool, w, False),
         workers=int(_positive(_get(data, "workers", int, w, 0), "workers", w, zero_ok=True)),
         labels=labels,
         ramp_rate=_positive(_get(ramp, "rate", float, f"{w}: ramp", 200.0), "rate", w),

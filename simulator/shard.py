@@ -9,6 +9,12 @@ second, confirm-mode channel of its connection; it raises alerts at the
 scenario's rate.  :class:`RawDevice` is the broker floor: the same
 connection and stream consumer, but it only acks.
 
+With a run secret (``ShardConfig.login_secret``) each connection logs in as
+its device's own broker user (:class:`DeviceLink`; ``simulator/logins.py``
+makes the users), and a :class:`SimDevice` stamps that login as ``user_id``
+on its heartbeats and telemetry, as the agent does; without one, every
+connection uses the URLs' login (shared connections always do).
+
 The :class:`Shard` knows nothing of Thespian: the WorkerShard actor drives
 its loop in slices, and tests can drive it directly.
 """
@@ -26,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from edgeward.actors import core as c
@@ -37,6 +44,7 @@ from edgeward.transport import topology
 from edgeward.transport.connection import Backoff, quiet_pika
 from edgeward.transport.signing import CachingVerifier, Verifier
 
+from .logins import device_password
 from .scenario import device_name
 from .telemetry import ALERT_EVENT, MemoryOutbox, SimBackend, agent_default
 
@@ -97,6 +105,21 @@ class ShardConfig:
     telemetry: bool = True
     alert_rate: float = 0.0
     outbox_max_records: int = DEFAULT_MAX_RECORDS
+    # The run's secret: each device logs in as its own broker user, with the
+    # password derived from it (logins.device_password). Empty: the URLs'
+    # login for every device. Needs share == 1 (a connection is one user).
+    login_secret: bytes = b""
+
+
+class DeviceLink(Link):
+    """A link that logs in as its one device: the user is the device's name,
+    the password is derived from the run's secret at each connect and kept
+    only in the parameters pika holds for the connection."""
+
+    def login(self) -> pika.PlainCredentials:
+        shell = self.shells[0]
+        secret = shell.shard.config.login_secret
+        return pika.PlainCredentials(shell.device, device_password(secret, shell.device))
 
 
 class SimDevice(TelemetryChannel, AgentShell):
@@ -111,6 +134,9 @@ class SimDevice(TelemetryChannel, AgentShell):
         self.index = index
         self.online_since = 0.0
         self.sender: Sender | None = None
+        if shard.config.login_secret:
+            # Logged in as itself: stamped on what it publishes, as the agent does.
+            self.user_id = self.device
         if outbox is not None:
             # The agent's outbox settings and sender, on the shard's loop; one
             # random source per shard (a Random each would cost 2.5 KB a device).
@@ -123,6 +149,7 @@ class SimDevice(TelemetryChannel, AgentShell):
                 jitter=agent_default("telemetry_drain_jitter_s"),
                 rng=shard.rng,
                 clock=time.monotonic,
+                user_id=self.user_id,
             )
             # Publish-to-confirm times go out in heartbeats, where the sender keeps them.
             self.confirm_latency = getattr(self.sender, "latency", None)
@@ -259,11 +286,14 @@ class Shard:
                 self.devices.append(SimDevice(self, index, core, outbox))
         self.links: list[Link] = []
         group = max(1, config.share)
+        if config.login_secret and group > 1:
+            raise ValueError("per-device logins need a connection per device (share = 1)")
+        link_class = DeviceLink if config.login_secret else Link
         for start in range(0, len(self.devices), group):
             members = self.devices[start : start + group]
             index = members[0].index
             self.links.append(
-                link := Link(
+                link := link_class(
                     members,
                     config.urls,
                     CoalescingConnection,

@@ -277,13 +277,15 @@ class StreamTally:
     received: int = 0  # distinct (device, seq)
     duplicates: int = 0  # the same (device, seq) again (a resend after a lost confirm)
     malformed: int = 0  # not a record
+    stamped: int = 0  # of the distinct records, those whose AMQP user_id names their device
     by_type: Counter[str] = dataclasses.field(default_factory=Counter)
     latencies: dict[str, array] = dataclasses.field(default_factory=dict)  # type -> seconds
     _seen: dict[str, bytearray] = dataclasses.field(default_factory=dict)
 
-    def add(self, body: bytes, received_at: float) -> Record | None:
-        """Count one message read at ``received_at`` (Unix time); the record,
-        or None for a repeat or a message that is no record."""
+    def add(self, body: bytes, received_at: float, user_id: str | None = None) -> Record | None:
+        """Count one message read at ``received_at`` (Unix time), published
+        with the AMQP ``user_id`` given (None: none); the record, or None for
+        a repeat or a message that is no record."""
         try:
             record = Record.from_message(decode(body))
         except (RemoteProtocolError, ValueError, TypeError):
@@ -300,6 +302,8 @@ class StreamTally:
             return None
         bits[byte] |= 1 << bit
         self.received += 1
+        if user_id is not None and user_id == record.device:
+            self.stamped += 1
         self.by_type[record.type] += 1
         self.latencies.setdefault(record.type, array("d")).append(received_at - record.time)
         return record
@@ -319,6 +323,7 @@ class StreamTally:
             "received": self.received,
             "duplicates": self.duplicates,
             "malformed": self.malformed,
+            "stamped": self.stamped,
             "by_type": dict(self.by_type),
         }
 

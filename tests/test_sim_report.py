@@ -697,3 +697,84 @@ def test_a_restart_before_the_rollout_keeps_its_cpu_out_of_the_delivery_cost() -
     cpu = figures_for(cpu_run(restart_at=25.0))["broker"]["cpu"]
     assert cpu["core_seconds_per_delivery"] is None
     assert cpu["core_seconds_per_connection"] == pytest.approx(0.01)
+
+
+# --- logins ---------------------------------------------------------------------
+
+DEVICE_LOGINS = {
+    "mode": "device",
+    "users": DEVICES,
+    "users_s": 1.25,
+    "grants_s": {"raw": 0.5, "edgeward": 0.75},
+    "setup_s": 2.5,
+    "revoke_s": {"raw": 0.25, "edgeward": 0.5},
+    "existing_before": 0,
+    "limit_applied": True,
+    "removed": DEVICES,
+    "remove_s": 0.8,
+    "left": 0,
+}
+
+
+def test_a_run_with_a_broker_user_per_device_says_so_and_what_making_them_took(
+    tmp_path: Path,
+) -> None:
+    figures = report.write(
+        synthetic_run(logins=dict(DEVICE_LOGINS), telemetry_stamped=48), tmp_path
+    )
+
+    assert figures["logins"] == DEVICE_LOGINS
+    assert figures["telemetry"]["stamped"] == 48
+    assert not [n for n in figures["notes"] if n.startswith("Logins")]
+    md = (tmp_path / "report.md").read_text()
+    assert "logins: a broker user per device;" in md
+    assert (
+        "| Device logins | a broker user each (200 made, device grants, max-connections 1); "
+        "set-up 2.5 s (users 1.2 s, raw grants 0.5 s, edgeward grants 0.8 s), before the "
+        "phases, not in the ramp; grants revoked before each vhost went (raw 0.2 s, "
+        "edgeward 0.5 s); 200 removed after the run in 0.8 s |"
+    ) in md
+    assert json.loads((tmp_path / "report.json").read_text())["logins"]["mode"] == "device"
+
+
+def test_a_run_with_the_shared_login_says_so_in_its_notes(tmp_path: Path) -> None:
+    reason = "--share-connections 5: a connection shared by 5 devices is one login"
+    figures = report.write(
+        synthetic_run(logins={"mode": "shared", "reason": reason}, share_connections=5),
+        tmp_path,
+    )
+
+    assert figures["logins"]["mode"] == "shared"
+    shared = [n for n in figures["notes"] if n.startswith("Logins")]
+    assert len(shared) == 1 and reason in shared[0] and "no user_id" in shared[0]
+    md = (tmp_path / "report.md").read_text()
+    assert "logins: shared (the broker URL's);" in md
+    assert f"| Device logins | shared login of the broker URL ({reason}) |" in md
+
+
+def test_run_data_from_before_device_users_reads_as_the_shared_login() -> None:
+    figures = figures_for(synthetic_run())  # logins left at the default: {}
+    assert figures["logins"]["mode"] == "shared"
+    assert "before the simulator made a broker user per device" in figures["logins"]["reason"]
+    assert figures["telemetry"]["stamped"] is None
+
+
+def test_users_left_behind_and_unstamped_records_are_noted() -> None:
+    logins = {**DEVICE_LOGINS, "left": 3, "existing_before": 7, "limit_applied": False}
+    figures = figures_for(synthetic_run(logins=logins, telemetry_stamped=40))
+    notes = [n for n in figures["notes"] if n.startswith("Logins")]
+    assert any("3 of the run's device users were still on the broker" in n for n in notes)
+    assert any("7 users named like this run's devices were already" in n for n in notes)
+    assert any("only 40 of the 48 telemetry records" in n for n in notes)
+    assert any("did not keep the device users' max-connections limit" in n for n in notes)
+
+
+def test_a_failed_removal_is_noted() -> None:
+    logins = {
+        **DEVICE_LOGINS,
+        "removed": None,
+        "left": None,
+        "problem": "device users were not removed: management API: refused",
+    }
+    figures = figures_for(synthetic_run(logins=logins))
+    assert "Logins: device users were not removed: management API: refused." in figures["notes"]

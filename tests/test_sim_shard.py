@@ -1,21 +1,26 @@
 """A simulator shard against the real broker, without Thespian: devices
 connect, share connections when asked, apply a signed revision, and come
 back after a cut; their telemetry waits out the cut and is all read from
-the stream, or counted as dropped."""
+the stream, or counted as dropped; with a run secret, each logs in as a
+broker user of its own and stamps its telemetry with that login."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
 import pika
 import pytest
+from brokerkit import MANAGEMENT_URL, BrokerAdmin, wait_until
 
+from edgeward.simulator.logins import DeviceLogins, new_secret
 from edgeward.simulator.run import Policies
-from edgeward.simulator.scenario import Step
+from edgeward.simulator.scenario import Step, device_name
 from edgeward.simulator.shard import Shard, ShardConfig
 from edgeward.simulator.telemetry import ALERT_EVENT, StreamTally
 from edgeward.transport import topology
+from edgeward.transport.admin import ManagementAPI
 from edgeward.transport.signing import Signer
 from edgeward.transport.wire import Bundle
 
@@ -60,7 +65,7 @@ def publish(url: str, signer: Signer, policies: Policies, step: Step) -> int:
 
 
 def shard_on(
-    broker_url: str, devices: int, **config: object
+    broker_url: str, devices: int, first: int = 0, **config: object
 ) -> tuple[Shard, asyncio.AbstractEventLoop, Signer]:
     """A shard of ``devices`` berlin devices on the test's vhost (its topology
     declared), trusting a fresh signer; not started."""
@@ -71,7 +76,7 @@ def shard_on(
     loop = asyncio.new_event_loop()
     shard = Shard(
         ShardConfig(
-            first=0,
+            first=first,
             labels=[{"store": "berlin"}] * devices,
             urls=[broker_url],
             mode="edgeward",
@@ -132,7 +137,7 @@ def read_telemetry(url: str, expected: int, timeout: float) -> StreamTally:
         channel.basic_qos(prefetch_count=1000)
         channel.basic_consume(
             topology.TELEMETRY_STREAM,
-            lambda ch, method, props, body: tally.add(body, time.time()),
+            lambda ch, method, props, body: tally.add(body, time.time(), props.user_id),
             arguments={"x-stream-offset": "first"},
         )
         deadline = time.monotonic() + timeout
@@ -192,3 +197,55 @@ def test_shard_telemetry_waits_out_a_cut_and_every_record_is_read_or_counted_dro
     else:
         assert counts["dropped"] == 0 and tally.by_type["event"] == 10
     assert tally.malformed == 0
+
+
+def test_shard_devices_log_in_as_their_own_users_and_stamp_what_they_publish(
+    broker_url: str, vhost: str, broker_admin: BrokerAdmin
+) -> None:
+    # Given a broker user for each of 5 devices (names far from any real run's), granted
+    # in the test's vhost as the simulator grants them
+    first = 900_000 + secrets.randbelow(90_000)
+    names = [device_name(first + i) for i in range(5)]
+    secret = new_secret()
+    logins = DeviceLogins(
+        ManagementAPI(MANAGEMENT_URL.rstrip("/") + "/api", "guest", "guest"), names, secret
+    )
+    logins.create()
+    try:
+        logins.grant(vhost, "edgeward")
+        # When a shard of those devices runs with the run's secret, raising alerts
+        shard, loop, signer = shard_on(
+            broker_url, 5, first=first, login_secret=secret, alert_rate=4.0
+        )
+        try:
+            shard.start()
+            run_until(loop, lambda: shard.snapshot()["connected"] == 5, 20, "all connected")
+            # Then the broker sees each connection as its device's own user
+            wait_until(
+                lambda: (
+                    sorted(c.get("user") for c in broker_admin.list_connections(vhost)) == names
+                ),
+                timeout=10,
+                message="connections as the devices' users",
+            )
+            revision = publish(
+                broker_url, signer, Policies(), Step(0, "apply", policies=3, changed=3)
+            )
+            shard.set_latest(revision, None)
+            run_until(loop, lambda: shard.snapshot()["in_sync"] == 5, 20, "all in sync")
+            run_until(loop, lambda: shard.telemetry()["alerts"] >= 10, 20, "alerts raised")
+            shard.stop_alerts()
+            run_until(loop, lambda: shard.telemetry()["waiting"] == 0, 20, "drained")
+            counts = shard.telemetry()
+            assert shard.unexpected_closes == 0 and not shard.errors, shard.errors
+        finally:
+            shard.stop()
+            loop.run_until_complete(asyncio.sleep(0.5))
+            loop.close()
+    finally:
+        logins.remove()
+    # And every record reached the stream stamped with its device's login as user_id
+    tally = read_telemetry(broker_url, counts["sent"], 20)
+    assert tally.received == counts["sent"] > 0
+    assert tally.stamped == tally.received
+    assert logins.figures["removed"] == 5 and logins.figures["left"] == 0

@@ -199,12 +199,23 @@ def test_the_tally_counts_each_device_and_seq_once_and_times_it() -> None:
         "received": 4,
         "duplicates": 1,
         "malformed": 1,
+        "stamped": 0,  # none was read with a user_id
         "by_type": {"alert": 3, "event": 1},
     }
     latency = tally.latency_ms()
     assert (latency["p50"], latency["max"], latency["count"]) == (25.0, 40.0, 4)
     assert latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
     assert latency["by_type"]["event"]["count"] == 1
+
+
+def test_the_tally_counts_records_stamped_with_their_own_devices_login() -> None:
+    tally = StreamTally()
+    tally.add(encoded("sim-000001", 1, 100.0), 100.1, "sim-000001")  # its own login
+    tally.add(encoded("sim-000001", 1, 100.0), 100.2, "sim-000001")  # a repeat: once
+    tally.add(encoded("sim-000001", 2, 100.0), 100.3, "sim-000002")  # another's login
+    tally.add(encoded("sim-000001", 3, 100.0), 100.4)  # none
+    assert (tally.received, tally.stamped) == (3, 1)
+    assert tally.counts()["stamped"] == 1
 
 
 def test_an_empty_tally_has_no_latency() -> None:

@@ -1,6 +1,6 @@
 """The fleet simulator's smoke scenario, run for real against the local
-broker (the simulator makes and removes vhosts of its own), with the
-report's arithmetic checked."""
+broker (the simulator makes and removes vhosts of its own, and a broker user
+per device), with the report's arithmetic checked."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgeward.simulator.run import largest_bundle
-from edgeward.simulator.scenario import ScenarioError, labels_for, load, parse
+from edgeward.simulator.scenario import ScenarioError, device_name, labels_for, load, parse
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "simulator" / "scenarios" / "smoke.toml"
@@ -42,6 +42,8 @@ def smoke_report(tmp_path_factory: pytest.TempPathFactory, broker_admin) -> dict
     report = json.loads((out / "report.json").read_text())
     report["_dir"] = str(out)
     report["_stdout"] = done.stdout
+    # The broker's users right after the run (the simulator should have removed its own)
+    report["_users_after"] = [u["name"] for u in broker_admin.request("GET", "/users")]
     return report
 
 
@@ -53,6 +55,27 @@ def test_every_online_device_converged_and_nothing_was_lost(smoke_report: dict) 
     assert r["messages"]["expected"] == r["messages"]["received"] + r["messages_lost"]
     assert r["messages_lost"] == 0
     assert r["unexpected_closes"] == 0
+
+
+def test_every_device_logged_in_as_a_broker_user_of_its_own_removed_after_the_run(
+    smoke_report: dict,
+) -> None:
+    logins = smoke_report["logins"]
+    assert logins["mode"] == "device"
+    assert logins["users"] == 200 and logins["removed"] == 200 and logins["left"] == 0
+    # making them is set-up, timed apart from the ramp: users, then each phase's grants
+    assert set(logins["grants_s"]) == {"raw", "edgeward"}
+    assert logins["setup_s"] > 0 and logins["users_s"] > 0
+    assert not [n for n in smoke_report["notes"] if n.startswith("Logins")]
+    # every record on the stream carried its device's login as user_id (the broker
+    # refuses a user_id other than the connection's login: the devices logged in as themselves)
+    tel = smoke_report["telemetry"]
+    assert tel["stamped"] == tel["received"] > 0
+    # and none of the run's users is left on the broker
+    names = {device_name(i) for i in range(200)}
+    assert not names.intersection(smoke_report["_users_after"])
+    md = (Path(smoke_report["_dir"]) / "report.md").read_text()
+    assert "| Device logins | a broker user each (200 made" in md
 
 
 def test_every_rollout_reached_all_its_online_targets(smoke_report: dict) -> None:

@@ -21,9 +21,13 @@ connection (user limit ``max-connections``); no tags (no management login).
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -140,6 +144,70 @@ class ManagementAPI:
             f"/user-limits/{self._q(name)}/max-connections",
             {"value": DEVICE_MAX_CONNECTIONS},
         )
+
+    def user_names(self) -> list[str]:
+        """The names of every user on the broker."""
+        return [u["name"] for u in self.request("GET", "/users?columns=name") or []]
+
+    def user_limits(self, name: str) -> dict[str, Any]:
+        """``name``'s user limits (``{"max-connections": 1}``; {} when none)."""
+        limits = self.request("GET", f"/user-limits/{self._q(name)}") or []
+        return dict(limits[0]["value"]) if limits else {}
+
+    def import_definitions(self, definitions: dict[str, Any]) -> None:
+        """Import a definitions document (users, permissions, ...): thousands
+        of users in one request, where :meth:`put_device_user` takes four each."""
+        self.request("POST", "/definitions", definitions)
+
+    def delete_users(self, names: list[str]) -> None:
+        """Delete these users in one request (each must exist)."""
+        self.request("POST", "/users/bulk-delete", {"users": names})
+
+    def delete_each(self, paths: Sequence[str], threads: int = 4) -> None:
+        """``DELETE`` every path (one already gone is fine), over ``threads``
+        kept-alive connections: thousands of small deletes, each a fraction
+        of what a fresh connection per request costs."""
+        parts = urlsplit(self.base)
+        local = threading.local()
+        opened: list[http.client.HTTPConnection] = []
+
+        def connection() -> http.client.HTTPConnection:
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                cls = (
+                    http.client.HTTPSConnection
+                    if parts.scheme == "https"
+                    else http.client.HTTPConnection
+                )
+                conn = local.conn = cls(parts.netloc, timeout=self.timeout)
+                opened.append(conn)
+            return conn
+
+        def delete(path: str) -> None:
+            for attempt in range(2):
+                conn = connection()
+                try:
+                    conn.request("DELETE", parts.path + path, headers={"Authorization": self._auth})
+                    resp = conn.getresponse()
+                    body = resp.read()
+                except (http.client.HTTPException, OSError) as exc:
+                    conn.close()
+                    local.conn = None
+                    if attempt:  # a kept-alive connection the server closed: once more
+                        raise BrokerUnreachable([self.base], f"management API: {exc}") from None
+                    continue
+                if resp.status >= 400 and resp.status != 404:
+                    detail = body.decode(errors="replace")[:200]
+                    raise RuntimeError(f"DELETE {path}: HTTP {resp.status} {detail}")
+                return
+
+        try:
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                for _ in pool.map(delete, paths):
+                    pass
+        finally:
+            for conn in opened:
+                conn.close()
 
     def put_control_plane_user(self, vhost: str, name: str, password: str) -> None:
         """Make (or reset) ``name`` as the control plane's user of ``vhost``."""
