@@ -24,6 +24,7 @@ from typing import Any
 import cbor2
 from sqlitedict import SqliteDict
 
+from .config import write_private
 from .core import CacheRecord
 
 _KEY = "policy"
@@ -123,17 +124,5 @@ class TrustFile:
         return floor, keyring
 
     def store(self, floor: int, keyring: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         data = json.dumps({"v": 1, "floor": floor, "keyring": keyring}, sort_keys=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(data + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private(self.path, data + "\n")

@@ -330,11 +330,7 @@ class TelemetryReader(ActorTypeDispatcher):
 
     def _close(self) -> None:
         conn, self.conn, self.channel = self.conn, None, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # pika rejects what it buffered: a 540 here is expected
-                pass
+        close_quietly(conn)  # pika rejects what it buffered: a 540 here is expected
 
     # -- reading and committing --------------------------------------------------
 

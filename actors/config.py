@@ -40,6 +40,25 @@ def metrics_port_from_env() -> int:
     return int(value) if value else 0
 
 
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` as one step: a new file of mode 0600,
+    written and fsynced, renamed over the old one, the directory fsynced
+    (config files, the device's trust file, the control plane's keyring)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @dataclass
 class AgentConfig:
     """What ``edgeward enroll`` writes and ``edgeward agent run`` reads."""
@@ -147,13 +166,7 @@ class AgentConfig:
         return cache.with_name(cache.name + ".trust.json")
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(asdict(self), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
+        write_private(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> AgentConfig:

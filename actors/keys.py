@@ -33,6 +33,8 @@ from typing import Any
 
 from edgeward.transport.signing import Signer
 
+from .config import write_private
+
 
 class KeyringError(ValueError):
     """A key operation that cannot be done (unknown id, revoking the active key)."""
@@ -67,15 +69,7 @@ class KeyStore:
         return data
 
     def _save(self, data: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @property
     def active(self) -> str:

@@ -79,11 +79,15 @@ class ManagementAPI:
             unquote(parts.password or "guest"),
         )
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method=method)
         req.add_header("Authorization", self._auth)
         req.add_header("Content-Type", "application/json")
+        for key, value in (headers or {}).items():
+            req.add_header(key, value)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
@@ -231,7 +235,7 @@ class ManagementAPI:
         """Close these connections (one already gone is fine)."""
         for conn in names:
             path = f"/connections/{self._q(conn)}"
-            self.request_with_headers("DELETE", path, {"X-Reason": reason})
+            self.request("DELETE", path, headers={"X-Reason": reason})  # gone already: fine
 
     def revoke_user(self, name: str, reason: str) -> tuple[bool, int]:
         """Delete ``name`` first (no new login), then close what it still
@@ -241,21 +245,6 @@ class ManagementAPI:
         existed = self.delete_user(name)
         self.close_connections(self.user_connections(name), reason)
         return existed, len(held)
-
-    def request_with_headers(self, method: str, path: str, headers: dict[str, str]) -> None:
-        req = urllib.request.Request(self.base + path, method=method)
-        req.add_header("Authorization", self._auth)
-        for key, value in headers.items():
-            req.add_header(key, value)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout):
-                pass
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:  # gone already: fine
-                detail = exc.read().decode(errors="replace")[:200]
-                raise RuntimeError(f"{method} {path}: HTTP {exc.code} {detail}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise BrokerUnreachable([self.base], f"management API: {exc}") from None
 
     def user_grants(self, vhost: str, name: str) -> dict[str, Any]:
         """What ``name`` may do in ``vhost`` (the shape of :func:`device_grants`)."""
