@@ -1360,7 +1360,9 @@ def _logins_figure(logins: dict[str, Any]) -> str:
             + ")"
         )
     removed = logins.get("removed")
-    if removed is not None:
+    if logins.get("removed_with_cluster"):
+        text += "; left in the local cluster, which was stopped and thrown away"
+    elif removed is not None:
         text += f"; {removed:,} removed after the run in {_fmt(logins.get('remove_s'), 's', 1)}"
     return text
 

@@ -33,6 +33,7 @@ from edgeward.simulator.logins import (
     revoke_paths,
     users_definitions,
 )
+from edgeward.simulator.report import _logins_figure
 from edgeward.simulator.run import Runner
 from edgeward.simulator.scenario import parse
 from edgeward.simulator.shard import DeviceLink, Shard, ShardConfig
@@ -446,3 +447,45 @@ def test_a_failed_run_still_removes_its_device_users_and_says_so(
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["completed"] is False
     assert report["logins"]["removed"] == 3 and report["logins"]["left"] == 0
+
+
+class StoppedCluster:
+    """Stands in for a LocalCluster at the end of a run: only stop() is asked."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_throwaway_local_cluster_is_stopped_with_its_users_in_it(tmp_path: Path) -> None:
+    api = FakeAPI()
+    run = runner(tmp_path)
+    logins = DeviceLogins(api, [f"sim-{i:06d}" for i in range(3)], new_secret())  # type: ignore[arg-type]
+    logins.create()
+    logins.grant("edgeward-sim-x", "edgeward")
+    run.logins, run.api, run.vhosts = logins, api, ["edgeward-sim-x"]  # type: ignore[assignment]
+    run.cluster = cluster = StoppedCluster()
+    run.cleanup()
+    assert cluster.stopped and run.cluster is None
+    # no revocation, no user deleted: they go with the cluster, and the report says so
+    assert api.revoked == [] and api.deletes == [] and api.users
+    assert logins.figures["removed_with_cluster"] is True
+    assert "thrown away" in _logins_figure(logins.figures)
+
+
+def test_on_an_existing_broker_the_grants_are_revoked_and_the_users_removed(
+    tmp_path: Path,
+) -> None:
+    api = FakeAPI()
+    run = runner(tmp_path)
+    logins = DeviceLogins(api, [f"sim-{i:06d}" for i in range(3)], new_secret())  # type: ignore[arg-type]
+    logins.create()
+    logins.grant("edgeward-sim-x", "edgeward")
+    api.delete_vhost = lambda name: None  # type: ignore[attr-defined]
+    run.logins, run.api, run.vhosts = logins, api, ["edgeward-sim-x"]  # type: ignore[assignment]
+    run.cleanup()
+    assert len(api.revoked) == 1 and not api.users
+    assert logins.figures["removed"] == 3
+    assert "removed after the run" in _logins_figure(logins.figures)
