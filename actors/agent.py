@@ -16,8 +16,8 @@ and alerts and logs, which the ioloop keeps in the outbox.
 Telemetry (docs/telemetry.md, "Agent side"): every record — the backend's
 alerts and logs, the core's own events (``Emit``), the outbox's drop reports
 — is numbered and committed to the :class:`~edgeward.actors.outbox.Outbox`
-first; a :class:`~edgeward.actors.outbox.Sender` on a second channel of the
-agent's connection drains it with publisher confirms.  With the builtin
+first; a :class:`~edgeward.actors.outbox.Sender` drains it over the policy
+channel, switched to publisher confirms.  With the builtin
 backend, ``--events-from PATH`` feeds it events to judge (:class:`EventsReader`).
 """
 
@@ -52,7 +52,7 @@ from . import core as c
 from .cache import AgentCache, TrustFile
 from .config import AgentConfig
 from .outbox import Outbox, Sender
-from .shell import AgentShell, Link, TelemetryChannel
+from .shell import AgentShell, Link, SendsTelemetry
 
 TICK_SECONDS = 1.0
 OUTBOX_SUMMARY_SECONDS = 60.0
@@ -247,7 +247,7 @@ def login_of(config: AgentConfig) -> str | None:
     return config.device if users == {config.device} else None
 
 
-class LocalEnforcer(TelemetryChannel, AgentShell):
+class LocalEnforcer(SendsTelemetry, AgentShell):
     """Hosts one :class:`AgentCore` on a real device."""
 
     def floor(self) -> int:
@@ -330,7 +330,6 @@ class LocalEnforcer(TelemetryChannel, AgentShell):
         self._summary_at = 0.0
         self._summarised: Counter[str] = Counter()
         self._drops_at = 0.0
-        self._telemetry_channel: Any = None
         # TLS from the config (docs/tls.md): files checked now, so that a bad
         # setting stops the agent with a clear error instead of retrying.
         self.tls = config.tls_settings().check(self.urls, login=config.device)
@@ -385,17 +384,6 @@ class LocalEnforcer(TelemetryChannel, AgentShell):
         self.outbox.close()
         self.disk_cache.close()
         return 0
-
-    # -- telemetry: a second channel, in confirm mode, for the sender ----------------
-
-    def attach(self, channel: Any, prefetch: int) -> None:
-        super().attach(channel, prefetch)
-        self._open_telemetry_channel(channel.connection)
-
-    def detach(self, reason: str) -> None:
-        super().detach(reason)
-        self.sender.detach()
-        self._telemetry_channel = None
 
     # -- events to judge (builtin backend, --events-from) ------------------------------
 

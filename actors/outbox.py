@@ -305,7 +305,9 @@ class ConfirmLatency:
 
 
 class Sender:
-    """Drains an :class:`Outbox` over one confirm-mode channel at a time."""
+    """Drains an :class:`Outbox` over one confirm-mode channel at a time (the
+    policy channel: publishes made beside the sender's are counted in with
+    :meth:`count_publish`)."""
 
     def __init__(
         self,
@@ -356,6 +358,13 @@ class Sender:
         self._reset()
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._confirming())
+
+    def count_publish(self) -> None:
+        """Someone else published on this channel (the shell's heartbeat): in
+        confirm mode it took the next delivery tag, so the sender's own
+        publishes are numbered after it; its confirm is ignored."""
+        if self.channel is not None:
+            self._next_tag += 1
 
     def _confirming(self) -> None:
         # A backlog of at most one window costs the broker nothing: send it at

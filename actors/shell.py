@@ -76,6 +76,10 @@ def close_kind(reason: object) -> str:
 class AgentShell:
     """One device: feeds its core and carries out the core's effects."""
 
+    # The telemetry sender of a host that keeps one (SendsTelemetry): it
+    # shares the channel, so it is told of every other publish on it.
+    sender: Any = None
+
     def __init__(
         self,
         core: c.AgentCore,
@@ -143,6 +147,8 @@ class AgentShell:
                         pika.BasicProperties(content_type="application/cbor", user_id=self.user_id),
                     )
                     self.heartbeats += 1
+                    if self.sender is not None and self.sender.channel is self.channel:
+                        self.sender.count_publish()  # it took a confirm number
             case c.Report(level=level, text=text):
                 self.say(text if level == "info" else f"{level}: {text}")
             case c.Emit(type=kind, body=body):
@@ -375,47 +381,36 @@ def _from(urls: list[str], start: int):
 
 
 DROP_REPORT_SECONDS = 60.0  # a drop report at most this often while connected
-TELEMETRY_CHANNEL_RETRY_SECONDS = 5.0
 
 
-class TelemetryChannel:
-    """The telemetry half of a host: a second channel on the link's
-    connection, handed to the :class:`~edgeward.actors.outbox.Sender`, with
-    the outbox's drop reports going first, and a channel the broker closed
-    tried again later. Mixed into the real agent (LocalEnforcer) and the
-    simulator's devices, which provide ``link``, ``sender``, ``outbox``,
-    ``ioloop``, ``clock`` and ``say``."""
+class SendsTelemetry:
+    """The telemetry half of a host: the :class:`~edgeward.actors.outbox.Sender`
+    drains the outbox over the policy channel itself, switched to confirm
+    mode, with the outbox's drop reports going first.
 
-    # Class defaults: most of a simulated fleet's devices never set them,
-    # and an attribute per device costs memory.
-    _telemetry_channel: Any = None
-    _drops_at = 0.0
+    One channel, not a second one for telemetry: a second channel cost the
+    broker ~88 KiB and 4 Erlang processes per device (BENCHMARKS.md, "One
+    channel or two"), and bought no isolation — the heartbeats already
+    publish on the policy channel, so a publish the broker refuses closes it
+    either way, and the :class:`Link` then reconnects (the records wait in
+    the outbox). Mixed into the real agent (LocalEnforcer) and the
+    simulator's devices, which provide ``sender`` (or None), ``outbox``,
+    ``clock`` and ``say``."""
 
-    def _open_telemetry_channel(self, connection: Any) -> None:
-        if connection is self.link.conn and self.link.is_open:
-            connection.channel(on_open_callback=self._on_telemetry_channel)
+    _drops_at = 0.0  # a class default: most simulated devices never set it
 
-    def _on_telemetry_channel(self, channel: Any) -> None:
-        if channel.connection is not self.link.conn:
-            return  # opened on a connection since given up
-        self._telemetry_channel = channel
-        channel.add_on_close_callback(self._on_telemetry_closed)
-        self._report_drops(force=True)  # what was dropped offline goes first
-        self.sender.attach(channel)
+    def attach(self, channel: Any, prefetch: int) -> None:
+        if self.sender is not None:
+            # Confirm mode before the shell's first heartbeat, so that the
+            # sender counts it (Sender.count_publish).
+            self._report_drops(force=True)  # what was dropped offline goes first
+            self.sender.attach(channel)
+        super().attach(channel, prefetch)  # type: ignore[misc]
 
-    def _on_telemetry_closed(self, channel: Any, reason: Any) -> None:
-        if channel is not self._telemetry_channel:
-            return
-        self._telemetry_channel = None
-        self.sender.detach()
-        if self.link.is_open and self.link.wanted:
-            # e.g. 404: the telemetry exchange is not declared yet.  The
-            # records wait in the outbox; try a fresh channel in a while.
-            self.say(f"telemetry channel closed ({reason}); retrying")
-            conn = self.link.conn
-            self.ioloop.call_later(
-                TELEMETRY_CHANNEL_RETRY_SECONDS, lambda: self._open_telemetry_channel(conn)
-            )
+    def detach(self, reason: str) -> None:
+        super().detach(reason)  # type: ignore[misc]
+        if self.sender is not None:
+            self.sender.detach()
 
     def _report_drops(self, *, force: bool = False) -> None:
         now = time.monotonic()

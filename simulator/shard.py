@@ -4,8 +4,8 @@ Each :class:`SimDevice` is the real :class:`~edgeward.actors.shell.AgentShell`
 around the real agent core, with the ``builtin`` backend and an in-memory
 cache; each has its own AMQP connection (pika ``AsyncioConnection``), or
 shares one with ``share`` others.  Like the agent it keeps a telemetry outbox
-(in memory, see ``telemetry.py``), drained by the agent's own sender over a
-second, confirm-mode channel of its connection; it raises alerts at the
+(in memory, see ``telemetry.py``), drained by the agent's own sender over its
+one channel, switched to confirm mode; it raises alerts at the
 scenario's rate.  :class:`RawDevice` is the broker floor: the same
 connection and stream consumer, but it only acks.
 
@@ -37,7 +37,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from edgeward.actors import core as c
 from edgeward.actors.outbox import DEFAULT_MAX_RECORDS, Sender
-from edgeward.actors.shell import AgentShell, Link, MemoryCache, TelemetryChannel
+from edgeward.actors.shell import AgentShell, Link, MemoryCache, SendsTelemetry
 from edgeward.enforcement.evaluator import Event
 from edgeward.enforcement.selector import selects
 from edgeward.transport import topology
@@ -99,8 +99,8 @@ class ShardConfig:
     # attempt over this many seconds, like agents whose uplink returns.
     reconnect_spread: float = 0.0
     seed: int = 0
-    # Telemetry (edgeward mode): each device keeps an outbox drained over a
-    # second channel, as the agent does; it raises ``alert_rate`` alerts per
+    # Telemetry (edgeward mode): each device keeps an outbox drained over its
+    # channel in confirm mode, as the agent does; it raises ``alert_rate`` alerts per
     # second (Poisson) while its policies block ALERT_EVENT.
     telemetry: bool = True
     alert_rate: float = 0.0
@@ -122,9 +122,9 @@ class DeviceLink(Link):
         return pika.PlainCredentials(shell.device, device_password(secret, shell.device))
 
 
-class SimDevice(TelemetryChannel, AgentShell):
+class SimDevice(SendsTelemetry, AgentShell):
     """One simulated device: the agent's shell, core, builtin backend and, as
-    the agent does, a telemetry outbox drained over a second channel."""
+    the agent does, a telemetry outbox drained over its one channel."""
 
     def __init__(
         self, shard: Shard, index: int, core: c.AgentCore, outbox: MemoryOutbox | None = None
@@ -175,17 +175,6 @@ class SimDevice(TelemetryChannel, AgentShell):
         if decision.action in ("Audit", "Block") and self.outbox is not None:
             self.outbox.accept("alert", backend.alert(event, decision), self.clock())
             self.shard.alerts += 1
-
-    def attach(self, channel: Any, prefetch: int) -> None:
-        super().attach(channel, prefetch)
-        if self.sender is not None:
-            self._open_telemetry_channel(channel.connection)
-
-    def detach(self, reason: str) -> None:
-        super().detach(reason)
-        if self.sender is not None:
-            self.sender.detach()
-            self._telemetry_channel = None
 
     def tick(self) -> None:
         super().tick()

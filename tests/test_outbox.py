@@ -19,7 +19,11 @@ from brokerkit import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgeward.actors.core import AgentCore
 from edgeward.actors.outbox import Outbox, Sender
+from edgeward.actors.shell import AgentShell, MemoryCache, SendsTelemetry
+from edgeward.simulator.telemetry import SimBackend
+from edgeward.transport.signing import Verifier
 from edgeward.transport.wire import Record, decode
 
 DEVICE = "pos-0001"
@@ -366,6 +370,41 @@ def test_sender_publishes_oldest_first_as_the_wire_contract_says_and_deletes_on_
     assert len(box) == 0 and sender.confirmed == 3
 
 
+def test_heartbeats_published_on_the_senders_channel_shift_its_confirm_numbers(
+    path: Path,
+) -> None:
+    # Given a sender on the device's one channel, with a heartbeat published
+    # on it (by the shell) before, between and after its records
+    box = Outbox(path, DEVICE)
+    sender, loop, channel = sender_for(box)
+    sender.attach(channel)
+    sender.count_publish()  # broker tag 1: a heartbeat
+    box.accept("alert", alert(1), 0.0)  # tag 2
+    loop.run_until(0.1)
+    sender.count_publish()  # tag 3: a heartbeat
+    box.accept("alert", alert(2), 0.0)  # tag 4
+    loop.run_until(0.2)
+    assert channel.seqs() == [1, 2]
+    # When the broker confirms the heartbeats alone
+    channel.ack(1)
+    channel.ack(3)
+    # Then no record leaves the outbox
+    assert [seq for seq, _ in kept(box)] == [1, 2] and sender.confirmed == 0
+    # And each record goes when its own tag is confirmed
+    channel.ack(2)
+    assert [seq for seq, _ in kept(box)] == [2]
+    channel.ack(4)
+    assert len(box) == 0 and sender.confirmed == 2
+    # And a heartbeat before the channel is attached counts for nothing
+    sender.detach()
+    sender.count_publish()
+    box.accept("alert", alert(3), 0.0)
+    sender.attach(channel2 := FakeChannel())
+    loop.run_until(0.3)
+    channel2.ack(1)
+    assert len(box) == 0
+
+
 def test_sender_keeps_at_most_a_window_unconfirmed(path: Path) -> None:
     box = Outbox(path, DEVICE)
     box.accept_many([("alert", alert(n)) for n in range(10)], 0.0)
@@ -492,3 +531,62 @@ def test_sender_times_each_confirm_and_hands_the_counts_over_once(path: Path) ->
     assert seconds == pytest.approx(0.016)
     # And once taken they are not reported again
     assert sender.latency.take() == ((), 0.0)
+
+
+# == the sender on the device's one channel, beside the shell's heartbeats ============
+
+
+class PolicyChannel(FakeChannel):
+    """The device's one channel as the shell uses it: qos, the stream consumer,
+    heartbeats and telemetry all on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.consumers: list[dict] = []
+
+    def basic_qos(self, prefetch_count: int, callback) -> None:
+        callback(None)
+
+    def basic_consume(self, queue, on_message, auto_ack=False, arguments=None) -> None:
+        self.consumers.append({"queue": queue, "arguments": arguments})
+
+    def keys(self) -> list[str]:
+        return [p[1] for p in self.published]
+
+
+class Host(SendsTelemetry, AgentShell):
+    """The telemetry half mixed into a shell, as the agent and the simulator do."""
+
+    def __init__(self, box: Outbox, loop: FakeLoop) -> None:
+        core = AgentCore(DEVICE, {}, Verifier({}), heartbeat_interval=10.0, records=True)
+        super().__init__(core, SimBackend(), MemoryCache(), clock=lambda: loop.now)
+        self.outbox = box
+        self.sender = Sender(box, loop, jitter=0.0, clock=lambda: loop.now)
+        self.confirm_latency = self.sender.latency
+
+
+def test_telemetry_shares_the_policy_channel_and_heartbeats_never_confirm_a_record(
+    path: Path,
+) -> None:
+    # Given a device with an alert waiting, attached to its one channel
+    box = Outbox(path, DEVICE)
+    loop = FakeLoop()
+    host = Host(box, loop)
+    host.start()
+    box.accept("alert", alert(1), 0.0)
+    channel = PolicyChannel()
+    host.attach(channel, 64)
+    loop.run_until(0.1)
+    # Then the stream consumer, the heartbeat and the record are all on it:
+    # the heartbeat took confirm number 1 (it went out before the record)
+    assert [c["queue"] for c in channel.consumers] == ["edgeward.policy"]
+    assert channel.keys() == [f"telemetry.{DEVICE}.heartbeat", f"telemetry.{DEVICE}.alert"]
+    # When the broker confirms the heartbeat
+    channel.ack(1)
+    # Then the record stays until its own confirm
+    assert [seq for seq, _ in kept(box)] == [1]
+    channel.ack(2)
+    assert len(box) == 0 and host.sender.confirmed == 1
+    # And when the channel goes, the sender lets go of it too
+    host.detach("lost")
+    assert host.sender.channel is None
