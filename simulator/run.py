@@ -53,6 +53,7 @@ SETTLE = 5.0
 API_TIMEOUT = 60.0  # one management API request, seconds
 API_PATIENCE = 300.0  # how long a busy management API is waited for
 STORM_LIMIT = 300.0  # how long a reconnect storm is waited for, each phase
+RESTART_LIMIT = 180.0  # how long the devices of a restarted node are waited for
 # How long the outboxes are given to drain at the end.  A backlog larger than
 # the sender's window starts after a random delay of up to the agent's drain
 # jitter (60 s), then goes at its rate (100 records/s).
@@ -712,14 +713,20 @@ class Runner:
         self.out(f"\nrestarting node {node} ...")
         started = time.monotonic()
         self.cluster.restart_node(node)
-        run.actions.append(
-            model.Action(
-                t, "restart-node", {"node": node, "restart_s": round(time.monotonic() - started, 2)}
+        detail: dict[str, Any] = {"node": node, "restart_s": round(time.monotonic() - started, 2)}
+        run.actions.append(model.Action(t, "restart-node", detail))
+
+        def back(p: dict) -> bool:
+            return p.get("connected", 0) >= p.get("online", 1)
+
+        p = self._wait(RESTART_LIMIT, "after node restart", until=back)
+        # From the node's stop: how long its devices were away, at most.
+        detail["all_connected_s"] = _r2(time.monotonic() - started) if back(p) else None
+        if not back(p):
+            run.notes.append(
+                f"Node {node} restart: {p.get('connected', 0):,} of {p.get('online', 0):,} "
+                f"online devices connected {RESTART_LIMIT:g} s after the node was back."
             )
-        )
-        self._wait(
-            120, "after node restart", until=lambda p: p.get("connected", 0) >= p.get("online", 1)
-        )
         self.ask(Command("node-up", url))
 
     def _fold(self, run: model.RunData, result: Any, latest: int) -> None:
