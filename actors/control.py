@@ -216,11 +216,7 @@ class BrokerLink(_Configured):
     def _lost(self, exc: BaseException) -> None:
         self.last_error = f"connection lost: {exc!r}"
         log.warning("%s", self.last_error)
-        try:
-            if self.conn is not None and self.conn.is_open:
-                self.conn.close()
-        except Exception:
-            pass
+        close_quietly(self.conn)
         self.conn = self.channel = None
         self.retry_at = time.monotonic() + self.backoff.next_delay()
 

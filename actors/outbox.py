@@ -65,6 +65,34 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
 
 
+def over_bounds(
+    count: int,
+    size: int,
+    max_records: int,
+    max_bytes: int,
+    extra_records: int = 0,
+    extra_bytes: int = 0,
+) -> bool:
+    """Whether an outbox holding ``count`` records of ``size`` bytes must drop
+    one to make room for ``extra_records`` more of ``extra_bytes`` (the rule
+    of this outbox and of the simulator's in-memory one)."""
+    return count > 0 and (count + extra_records > max_records or size + extra_bytes > max_bytes)
+
+
+def drop_report(
+    totals: Counter[str], reported: Counter[str], max_records: int, max_bytes: int
+) -> dict[str, Any]:
+    """The body of a ``dropped`` event: the drops by type since the first
+    start, and since the last report."""
+    return {
+        "event": "dropped",
+        "dropped": dict(totals),
+        "since_last_report": {k: n - reported[k] for k, n in totals.items()},
+        "max_records": max_records,
+        "max_bytes": max_bytes,
+    }
+
+
 class Outbox:
     """Records waiting for the broker, on disk, numbered, bounded."""
 
@@ -177,9 +205,8 @@ class Outbox:
         """Drop the oldest of the lowest priority until within both bounds
         (with room for ``extra_records`` more of ``extra_bytes``)."""
         dropped: Counter[str] = Counter()
-        while self.count > 0 and (
-            self.count + extra_records > self.max_records
-            or self.bytes + extra_bytes > self.max_bytes
+        while over_bounds(
+            self.count, self.bytes, self.max_records, self.max_bytes, extra_records, extra_bytes
         ):
             rows = self._db.execute(
                 "SELECT seq, type, size FROM records ORDER BY priority, seq LIMIT ?",
@@ -219,13 +246,7 @@ class Outbox:
         try:
             made_room = self._enforce_bounds(extra_records=1, extra_bytes=_REPORT_BYTES)
             totals = self.dropped + made_room
-            body = {
-                "event": "dropped",
-                "dropped": dict(totals),
-                "since_last_report": {k: n - self.reported[k] for k, n in totals.items()},
-                "max_records": self.max_records,
-                "max_bytes": self.max_bytes,
-            }
+            body = drop_report(totals, self.reported, self.max_records, self.max_bytes)
             record = self._insert("event", body, now, self.next_seq)
             after = self._enforce_bounds()  # only if the report was larger than thought
             db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (record.seq + 1,))

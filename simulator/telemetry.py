@@ -39,7 +39,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from edgeward.actors.config import AgentConfig
-from edgeward.actors.outbox import _REPORT_BYTES, DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS
+from edgeward.actors.outbox import (
+    _REPORT_BYTES,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_RECORDS,
+    drop_report,
+    over_bounds,
+)
 from edgeward.enforcement.backend import BuiltinBackend
 from edgeward.enforcement.evaluator import (
     CompiledPolicies,
@@ -183,13 +189,7 @@ class MemoryOutbox:
         if self.dropped == self.reported:
             return None
         totals = self.dropped + self._enforce_bounds(extra_records=1, extra_bytes=_REPORT_BYTES)
-        body = {
-            "event": "dropped",
-            "dropped": dict(totals),
-            "since_last_report": {k: n - self.reported[k] for k, n in totals.items()},
-            "max_records": self.max_records,
-            "max_bytes": self.max_bytes,
-        }
+        body = drop_report(totals, self.reported, self.max_records, self.max_bytes)
         record = self._insert("event", body, now)
         self.dropped = totals + self._enforce_bounds()
         self.reported = Counter(totals)
@@ -209,9 +209,8 @@ class MemoryOutbox:
 
     def _enforce_bounds(self, extra_records: int = 0, extra_bytes: int = 0) -> Counter[str]:
         dropped: Counter[str] = Counter()
-        while self.count > 0 and (
-            self.count + extra_records > self.max_records
-            or self.bytes + extra_bytes > self.max_bytes
+        while over_bounds(
+            self.count, self.bytes, self.max_records, self.max_bytes, extra_records, extra_bytes
         ):
             victim = self._victim()
             kind, data = self._records.pop(victim)
