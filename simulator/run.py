@@ -384,17 +384,30 @@ class Runner:
         port = free_port()
         log_dir = self.report_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.asys = ActorSystem(
-            "multiprocTCPBase",
-            {"Admin Port": port},
-            logDefs={
-                "version": 1,
-                "handlers": {
-                    "f": {"class": "logging.FileHandler", "filename": str(log_dir / "actors.log")}
+        # Ctrl-C reaches every process of the terminal's group. Only this one
+        # may act on it (it stops the run and writes the partial report): the
+        # actor system's admin, forked now, would die of it and take the run
+        # with it. It and the actors it forks inherit the ignore.
+        main = threading.current_thread() is threading.main_thread()
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self.asys = ActorSystem(
+                "multiprocTCPBase",
+                {"Admin Port": port},
+                logDefs={
+                    "version": 1,
+                    "handlers": {
+                        "f": {
+                            "class": "logging.FileHandler",
+                            "filename": str(log_dir / "actors.log"),
+                        }
+                    },
+                    "root": {"handlers": ["f"], "level": "WARNING"},
                 },
-                "root": {"handlers": ["f"], "level": "WARNING"},
-            },
-        )
+            )
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, handler)
         self.director = self.asys.createActor(SimulationDirector)
 
     def ask(self, msg: Any, timeout: float = 60.0) -> Any:
