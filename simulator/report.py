@@ -791,9 +791,18 @@ def _broker_cpu(run: RunData, nodes: dict[str, list[BrokerSample]]) -> dict[str,
         cpu = _cluster_cpu(nodes, biggest.t, t1)
         if cpu is not None and delivered:
             work = cpu - steady * _connected_seconds(run, biggest.t, t1)
-            out["core_seconds_per_delivery"] = max(0.0, work) / delivered
             out["delivery_revision"] = biggest.revision
             out["delivery_window"] = [_r(biggest.t), _r(t1)]
+            if work > 0:
+                out["core_seconds_per_delivery"] = work / delivered
+            else:
+                # Not a cost of zero: the rollout's CPU did not stand out
+                # from the steady cost over its window (too short, or the
+                # nodes' CPU sampled too coarsely to see it).
+                out["delivery_reason"] = (
+                    f"revision {biggest.revision}'s CPU ({cpu:.2f} core-s) did not exceed "
+                    "the steady cost over its window"
+                )
     return out
 
 
@@ -1414,7 +1423,9 @@ def _sizing_markdown(f: dict[str, Any]) -> list[str]:
                 f"{core_ms('steady_core_seconds_per_device_second', 4)} per device per "
                 f"second; {core_ms('core_seconds_per_connection', 2)} per connection set up "
                 f"(ramp); {core_ms('core_seconds_per_delivery', 3)} per bundle delivered "
-                f"(revision {cpu.get('delivery_revision', 'n/a')}). Targets: the whole fleet "
+                f"(revision {cpu.get('delivery_revision', 'n/a')}"
+                + (f": {cpu['delivery_reason']}" if cpu.get("delivery_reason") else "")
+                + "). Targets: the whole fleet "
                 f"reconnected within {i['reconnect_target_s']:g} s, a revision delivered "
                 f"within {i['rollout_target_s']:g} s; usable cores per node "
                 f"{i['usable_cores_per_node']:g}."

@@ -606,12 +606,12 @@ def test_without_matplotlib_the_report_is_written_and_says_charts_were_skipped(
 # --- broker CPU ----------------------------------------------------------------
 
 
-def cpu_run(*, restart_at: float | None = None) -> RunData:
+def cpu_run(*, restart_at: float | None = None, per_delivery: float = 0.002) -> RunData:
     """100 devices connect at 10/s over 10 s onto two nodes; quiet until t = 30,
     when revision 1 reaches all 100 within 2 s. The broker's CPU (split evenly
     over the nodes) is 0.1 core-ms per connected device per second, 10 core-ms
     per connection set up and 2 core-ms per bundle delivered."""
-    steady, per_connection, per_delivery = 0.0001, 0.01, 0.002
+    steady, per_connection = 0.0001, 0.01
     run = synthetic_run(samples=[], broker=[], actions=[], rollouts=[], devices=100)
     run.rollouts = [
         Rollout(
@@ -691,6 +691,16 @@ def test_without_cpu_samples_cpu_is_not_modelled_and_says_why() -> None:
     assert "did not export their CPU" in figures["broker"]["cpu"]["reason"]
     assert figures["sizing"]["fleets"][0]["constraints"]["cpu"]["nodes"] is None
     assert "not modelled" in figures["sizing"]["cpu"]
+
+
+def test_a_rollout_whose_cpu_does_not_stand_out_is_not_reported_as_free() -> None:
+    # Given the broker's CPU over the rollout no more than its steady cost
+    figures = figures_for(cpu_run(per_delivery=0.0))
+    cpu = figures["broker"]["cpu"]
+    # Then the cost per delivery is unknown, with the reason, not 0 core-ms
+    assert cpu["core_seconds_per_delivery"] is None
+    assert "did not exceed the steady cost" in cpu["delivery_reason"]
+    assert figures["sizing"]["fleets"][0]["constraints"]["cpu"]["nodes"] is not None
 
 
 def test_a_restart_before_the_rollout_keeps_its_cpu_out_of_the_delivery_cost() -> None:

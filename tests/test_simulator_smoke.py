@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +183,57 @@ def test_bad_scenario_is_refused_naming_the_key(text: str, fragment: str) -> Non
 def test_every_shipped_scenario_parses() -> None:
     for path in sorted((ROOT / "simulator" / "scenarios").glob("*.toml")):
         assert load(path).devices > 0
+
+
+def test_ctrl_c_stops_a_run_cleanly_and_still_writes_the_partial_report(
+    tmp_path: Path, broker_admin
+) -> None:
+    # Given the smoke scenario running, its devices connected
+    out = tmp_path / "report"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgeward.actors.cli",
+            "simulate",
+            str(SMOKE),
+            "--no-baseline",
+            "--report",
+            str(out),
+            "--broker-url",
+            "amqp://guest:guest@127.0.0.1:5672/%2F",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal gives
+    )
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith("[") and "connected    200/200" in line:
+                break
+        assert any("connected    200/200" in line for line in seen), "".join(seen[-20:])
+        # When Ctrl-C reaches every process of the group (the terminal's way)
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(seen) + rest
+    # Then the run stops with 130, without a traceback from any of its processes
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "Error" not in output, output[-3000:]
+    assert "interrupted: writing a partial report" in output
+    # And the report is written, marked partial, and the device users are gone
+    report = json.loads((out / "report.json").read_text())
+    assert report["completed"] is False and report["connected_max"] == 200
+    assert "(PARTIAL RUN)" in (out / "report.md").read_text()
+    users = {u["name"] for u in broker_admin.request("GET", "/users")}
+    assert not users.intersection(device_name(i) for i in range(200))
