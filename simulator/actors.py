@@ -47,6 +47,9 @@ SLICE = 0.1
 RESUME = timedelta(milliseconds=2)
 REPORT_EVERY = 1.0
 SCRAPE_EVERY = 2.0
+# A self-driven actor whose wakeup is this late is re-armed when the silence
+# is noticed (Driven.rearm_if_stalled).
+STALL_SECONDS = 5.0
 # The telemetry counter: its prefetch and how often it acks (a stream
 # consumer gets no more than its prefetch unacknowledged); at the end, it
 # reads on until the stream was quiet this long, or the limit passed.
@@ -152,7 +155,41 @@ class PhaseResult:
 # -- the worker shard -------------------------------------------------------------
 
 
-class WorkerShard(ActorTypeDispatcher):
+class Driven:
+    """An actor that drives itself with ``wakeupAfter``, one wakeup at a time.
+
+    Once, in a 35,000-device run, a shard's wakeup was never delivered: its
+    process sat in Thespian's select with no timer, its devices frozen
+    mid-ramp, and nothing in any log. So each wakeup carries a generation;
+    :meth:`rearm_if_stalled` (called when someone notices the silence: the
+    director, for its shards and, on each progress poll, for itself) arms a
+    new one, and a late original is then ignored as stale, so the actor
+    never runs two chains of wakeups.
+    """
+
+    _generation = 0
+    _due = 0.0  # monotonic time the armed wakeup is due
+    stalls = 0  # wakeups re-armed after a stall
+
+    def arm(self, delay: float | timedelta) -> None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        self._generation += 1
+        self._due = time.monotonic() + seconds
+        self.wakeupAfter(delay, payload=self._generation)  # type: ignore[attr-defined]
+
+    def current(self, msg: WakeupMessage) -> bool:
+        """Whether ``msg`` is the armed wakeup (not one a re-arm replaced)."""
+        return msg.payload == self._generation
+
+    def rearm_if_stalled(self, delay: float | timedelta) -> bool:
+        if self._due and time.monotonic() - self._due > STALL_SECONDS:
+            self.stalls += 1
+            self.arm(delay)
+            return True
+        return False
+
+
+class WorkerShard(Driven, ActorTypeDispatcher):
     def __init__(self) -> None:
         super().__init__()
         self.shard: Shard | None = None
@@ -171,7 +208,7 @@ class WorkerShard(ActorTypeDispatcher):
         self.shard = Shard(config, self.loop)
         self.shard.start()
         self.next_report = time.monotonic() + REPORT_EVERY
-        self.wakeupAfter(RESUME)
+        self.arm(RESUME)
 
     def receiveMsg_Command(self, msg: Command, sender: Any) -> None:
         shard = self.shard
@@ -191,6 +228,10 @@ class WorkerShard(ActorTypeDispatcher):
             shard.down_nodes.add(msg.arg)
         elif msg.kind == "node-up":
             shard.down_nodes.discard(msg.arg)
+        elif msg.kind == "nudge":
+            # The director has not heard from this shard for a while.
+            if self.rearm_if_stalled(RESUME):
+                shard.errors["shard_stalled"] += 1
 
     def receiveMsg_EndPhase(self, msg: EndPhase, sender: Any) -> None:
         if self.shard is not None and self.stopping_until is None:
@@ -199,7 +240,7 @@ class WorkerShard(ActorTypeDispatcher):
             self.stopping_until = time.monotonic() + 10.0
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
-        if self.loop is None or self.shard is None:
+        if self.loop is None or self.shard is None or not self.current(msg):
             return
         if os.getppid() != self.parent_pid:
             # The director's process is gone (killed): do not run on alone.
@@ -220,7 +261,7 @@ class WorkerShard(ActorTypeDispatcher):
         elif now >= self.next_report:
             self.next_report = now + REPORT_EVERY
             self.send(self.director, ShardReport(self.number, time.time(), self.shard.snapshot()))
-        self.wakeupAfter(RESUME)
+        self.arm(RESUME)
 
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
         if self.loop is not None:
@@ -345,7 +386,7 @@ class TelemetryCounter(ActorTypeDispatcher):
 # -- the director -------------------------------------------------------------------
 
 
-class SimulationDirector(ActorTypeDispatcher):
+class SimulationDirector(Driven, ActorTypeDispatcher):
     def __init__(self) -> None:
         super().__init__()
         self.phase: StartPhase | None = None
@@ -353,6 +394,7 @@ class SimulationDirector(ActorTypeDispatcher):
         self.shards: list[Any] = []
         self.last: dict[int, dict] = {}
         self.finals: dict[int, dict] = {}
+        self.reported_at: dict[int, float] = {}  # shard -> monotonic time of its last report
         self.rollouts: dict[int, model.Rollout] = {}
         self.fanouts: dict[int, list[float]] = {}
         self.publish_conn: Any = None
@@ -394,7 +436,8 @@ class SimulationDirector(ActorTypeDispatcher):
             self.send(shard, (number, config))
         self.next_sample = time.monotonic() + REPORT_EVERY
         self.next_scrape = time.monotonic()
-        self.wakeupAfter(0.5)
+        self.reported_at = dict.fromkeys(range(len(self.shards)), time.monotonic())
+        self.arm(0.5)
         self.send(sender, {"started": len(self.shards)})
 
     def receiveMsg_Command(self, msg: Command, sender: Any) -> None:
@@ -461,6 +504,7 @@ class SimulationDirector(ActorTypeDispatcher):
 
     def receiveMsg_ShardReport(self, msg: ShardReport, sender: Any) -> None:
         self.last[msg.shard] = msg.data
+        self.reported_at[msg.shard] = time.monotonic()
         for revision, latency, late in msg.data.get("applies", ()):
             rollout = self.rollouts.get(revision)
             if rollout is not None:
@@ -520,6 +564,8 @@ class SimulationDirector(ActorTypeDispatcher):
         return totals
 
     def receiveMsg_Progress(self, msg: Progress, sender: Any) -> None:
+        if self.phase is not None:
+            self.rearm_if_stalled(0.25)
         totals = self._totals()
         totals["shards_reporting"] = len(self.last)
         totals["rollouts"] = {
@@ -535,9 +581,13 @@ class SimulationDirector(ActorTypeDispatcher):
         self.send(sender, totals)
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
-        if self.phase is None or self.result is None:
+        if self.phase is None or self.result is None or not self.current(msg):
             return
         now = time.monotonic()
+        for number, shard in enumerate(self.shards):
+            if number not in self.finals and now - self.reported_at[number] > STALL_SECONDS:
+                self.reported_at[number] = now  # one nudge per silence
+                self.send(shard, Command("nudge"))
         # Once shards report their final counts the fleet is stopping (and
         # may wait on the telemetry counter): that is no sample of it running.
         if now >= self.next_sample and self.last and not self.finals:
@@ -574,7 +624,7 @@ class SimulationDirector(ActorTypeDispatcher):
             self._maybe_finish()
             if self.phase is None:
                 return
-        self.wakeupAfter(0.25)
+        self.arm(0.25)
 
     def _scrape(self) -> None:
         from .metrics import MetricsUnavailable, scrape
