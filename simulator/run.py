@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from .scenario import Scenario, Step, device_name, labels_for
 SETTLE = 5.0
 API_TIMEOUT = 60.0  # one management API request, seconds
 API_PATIENCE = 300.0  # how long a busy management API is waited for
+PROGRESS_PATIENCE = 120.0  # how long a progress poll waits for the director
 STORM_LIMIT = 300.0  # how long a reconnect storm is waited for, each phase
 RESTART_LIMIT = 180.0  # how long the devices of a restarted node are waited for
 # How long the outboxes are given to drain at the end.  A backlog larger than
@@ -410,10 +411,25 @@ class Runner:
                 signal.signal(signal.SIGINT, handler)
         self.director = self.asys.createActor(SimulationDirector)
 
-    def ask(self, msg: Any, timeout: float = 60.0) -> Any:
+    def ask(
+        self, msg: Any, timeout: float = 60.0, expect: Callable[[Any], bool] | None = None
+    ) -> Any:
+        """The director's answer to ``msg``. With ``expect``, answers it does
+        not accept are skipped until one it does or the timeout: an answer to
+        an earlier ask that timed out arrives late and would be taken for
+        this one's."""
         from thespian.actors import PoisonMessage
 
+        deadline = time.monotonic() + timeout
         reply = self.asys.ask(self.director, msg, timeout)
+        while (
+            expect is not None
+            and reply is not None
+            and not isinstance(reply, PoisonMessage)
+            and not expect(reply)
+        ):
+            remaining = deadline - time.monotonic()
+            reply = self.asys.listen(remaining) if remaining > 0 else None
         if reply is None:
             raise RuntimeError(f"the simulation director did not answer {type(msg).__name__}")
         if isinstance(reply, PoisonMessage):
@@ -470,7 +486,9 @@ class Runner:
         while True:
             if self.abort.is_set():
                 raise Aborted()
-            progress = self.ask(Progress(), 30)
+            # A director busy for a while (scraping loaded nodes on shared
+            # cores) is not a dead one: patience, and no stale answer taken.
+            progress = self.ask(Progress(), PROGRESS_PATIENCE, expect=_is_progress)
             self._progress_line(what, progress)
             if until is not None and until(progress):
                 return progress
@@ -542,8 +560,10 @@ class Runner:
         return None
 
     def _end_phase(self, end_cls):
+        from .actors import PhaseResult
+
         self.out("")
-        return self.ask(end_cls(), 120)
+        return self.ask(end_cls(), 120, expect=lambda r: isinstance(r, PhaseResult))
 
     def baseline(self, urls: list[str], metrics) -> model.Baseline:
         from .actors import Probe
@@ -872,6 +892,12 @@ class Runner:
             except Exception:
                 pass
             self.asys = None
+            # An actor system that did not answer its shutdown leaves its
+            # processes (admin, director, shards) running on, reconnecting to
+            # a cluster about to be stopped: end them.
+            killed = kill_forks()
+            if killed:
+                self.out(f"  ended {killed} simulator process(es) that outlived the run")
         if self.cluster is not None:
             # A throwaway cluster goes with its vhosts and users: tearing down
             # 35,000 users' grants one by one would take minutes for nothing.
@@ -897,6 +923,45 @@ class Runner:
             self.out("stopping the local cluster ...")
             self.cluster.stop()
             self.cluster = None
+
+
+def _is_progress(reply: Any) -> bool:
+    return isinstance(reply, dict) and "connected" in reply
+
+
+def kill_forks() -> int:
+    """SIGKILL this process's descendants that are forks of it (the same
+    command line: the actor system's processes), not the broker nodes it
+    started; how many there were."""
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/cmdline", "rb") as fh:
+            mine = fh.read()
+    except OSError:
+        return 0
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    descendants, frontier = set(), {me}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - descendants
+        descendants |= frontier
+    killed = 0
+    for pid in descendants:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if fh.read() != mine:
+                    continue
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            continue
+    return killed
 
 
 def _sizing_limits(args: Any) -> dict[str, Any]:

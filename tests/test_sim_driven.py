@@ -3,6 +3,8 @@ delivered, and never end up running two chains of wakeups."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -61,3 +63,67 @@ def test_a_wakeup_never_delivered_is_rearmed_and_the_late_original_ignored(clock
     assert actor.current(fresh) and not actor.current(lost)
     # And a second look right away re-arms nothing more
     assert actor.rearm_if_stalled(0.25) is False and len(actor.asked) == 2
+
+
+KILL_FORKS = """
+import os, subprocess, sys, time
+from edgeward.simulator.run import kill_forks
+
+other = subprocess.Popen(["sleep", "30"])  # a child that is not a fork: left alone
+forks = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:
+        if os.fork() == 0:  # a grandchild fork too
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(30)
+        os._exit(0)
+    forks.append(pid)
+time.sleep(0.5)
+print(kill_forks())
+for pid in forks:
+    os.waitpid(pid, 0)
+print(other.poll())
+other.kill()
+"""
+
+
+def test_the_processes_a_run_forked_are_ended_and_nothing_else() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_FORKS], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    killed, other = done.stdout.split()
+    assert killed == "4"  # two forks and a fork of each
+    assert other == "None"  # the sleep (another program) still runs
+
+
+class LateDirector:
+    """An actor system whose director answered an earlier, timed-out ask late."""
+
+    def __init__(self, *replies: Any) -> None:
+        self.replies = list(replies)
+
+    def ask(self, to: Any, msg: Any, timeout: float) -> Any:
+        return self.replies.pop(0) if self.replies else None
+
+    def listen(self, timeout: float) -> Any:
+        return self.replies.pop(0) if self.replies else None
+
+
+def test_a_late_answer_to_an_earlier_ask_is_not_taken_for_this_ones(tmp_path) -> None:
+    from edgeward.simulator.actors import EndPhase, PhaseResult
+    from edgeward.simulator.run import Runner
+    from edgeward.simulator.scenario import parse
+
+    runner = Runner(parse("devices = 1\nduration = 1\n"), tmp_path, brokers=["amqp://x/"])
+    result = PhaseResult(mode="edgeward")
+    # Given the answer to a progress poll that timed out, arriving first
+    runner.asys = LateDirector({"connected": 10}, result)
+    # Then the phase's end waits past it for the phase's result
+    assert runner.ask(EndPhase(), 5, expect=lambda r: isinstance(r, PhaseResult)) is result
+    # And with nothing but stale answers it says the director did not answer
+    runner.asys = LateDirector({"connected": 10})
+    with pytest.raises(RuntimeError, match="did not answer EndPhase"):
+        runner.ask(EndPhase(), 5, expect=lambda r: isinstance(r, PhaseResult))
