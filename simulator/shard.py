@@ -27,6 +27,7 @@ import math
 import os
 import random
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,15 @@ from .scenario import device_name
 from .telemetry import ALERT_EVENT, MemoryOutbox, SimBackend, agent_default
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def host_port(url: str) -> str:
+    """``host:port`` of an AMQP URL (redacted or not): which node it names."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return f"{parts.hostname}:{parts.port or 5672}"
+    except ValueError:
+        return url
 
 
 class CoalescingConnection(AsyncioConnection):
@@ -467,9 +477,10 @@ class Shard:
         if kind in ("connected", "closed"):
             return
         if kind.startswith("lost:"):
-            node_down = any(
-                detail.startswith(url.split("@")[-1]) or url in detail for url in self.down_nodes
-            )
+            # detail is "<redacted URL>: <reason>"; the URL names the run's
+            # vhost, the down node's URL the node: compare host and port.
+            lost_on = host_port(detail.split(": ", 1)[0])
+            node_down = any(host_port(url) == lost_on for url in self.down_nodes)
             if not node_down:
                 self.unexpected_closes += 1
         self.errors[kind] += 1

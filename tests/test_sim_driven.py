@@ -127,3 +127,29 @@ def test_a_late_answer_to_an_earlier_ask_is_not_taken_for_this_ones(tmp_path) ->
     runner.asys = LateDirector({"connected": 10})
     with pytest.raises(RuntimeError, match="did not answer EndPhase"):
         runner.ask(EndPhase(), 5, expect=lambda r: isinstance(r, PhaseResult))
+
+
+def test_a_connection_lost_on_a_node_being_restarted_is_no_unexpected_close() -> None:
+    import asyncio
+
+    from edgeward.simulator.shard import Shard, ShardConfig
+
+    loop = asyncio.new_event_loop()
+    try:
+        shard = Shard(
+            ShardConfig(
+                first=0, labels=[{}], urls=["amqp://guest:guest@127.0.0.1:5673/run"], mode="raw"
+            ),
+            loop,
+        )
+        # Given node 2 announced down by its cluster URL (vhost "/")
+        shard.down_nodes.add("amqp://guest:***@127.0.0.1:5673/%2F")
+        # When a device loses its connection to that node (its URL names the run's vhost)
+        shard._on_link_event("lost:connection_reset", "amqp://sim-000001:***@127.0.0.1:5673/run: x")
+        # Then it is an error of its kind, not an unexpected close
+        assert shard.unexpected_closes == 0 and shard.errors["lost:connection_reset"] == 1
+        # And a loss on another node is one
+        shard._on_link_event("lost:connection_reset", "amqp://sim-000001:***@127.0.0.1:5672/run: x")
+        assert shard.unexpected_closes == 1
+    finally:
+        loop.close()
