@@ -18,6 +18,7 @@ from test_delivery_e2e import policy, write_policy
 
 from edgeward.actors.bench import memory_kib
 from edgeward.transport import topology
+from edgeward.transport.connection import close_quietly
 from edgeward.transport.wire import Record, decode
 
 PSS_BUDGET_MIB = 96  # DESIGN.md: the agent's whole process tree
@@ -81,10 +82,7 @@ def telemetry(fleet: Fleet, device: str) -> list[Record]:
         )
         conn.process_data_events(time_limit=0.5)
     finally:
-        try:
-            conn.close()
-        except pika.exceptions.AMQPError:  # a stream closes on pika's reject of buffered deliveries
-            pass
+        close_quietly(conn)  # a stream answers pika's reject of buffered deliveries with 540
     return [r for r in records if r.device == device and r.type in ("alert", "log")]
 
 
