@@ -48,13 +48,10 @@ from typing import Any
 from urllib.parse import quote
 
 from edgeward.transport.admin import (
-    DEVICE_CONFIGURE,
     DEVICE_MAX_CONNECTIONS,
-    DEVICE_READ,
     DEVICE_TOPIC_EXCHANGE,
-    DEVICE_TOPIC_WRITE,
-    DEVICE_WRITE,
     ManagementAPI,
+    device_grants,
 )
 from edgeward.transport.errors import BrokerUnreachable
 
@@ -134,10 +131,11 @@ def grants_definitions(
     """The definitions document that gives ``names`` the device grants in
     ``vhost`` (``raw_queues``: and the raw baseline's queues, see
     :data:`RAW_QUEUE_CONFIGURE`; ``topic``: with the topic permission)."""
+    grants = device_grants()  # what enroll gives a device, the one source of it
     configure, write, read = (
         (RAW_QUEUE_CONFIGURE, RAW_QUEUE_WRITE, RAW_QUEUE_READ)
         if raw_queues
-        else (DEVICE_CONFIGURE, DEVICE_WRITE, DEVICE_READ)
+        else (grants["configure"], grants["write"], grants["read"])
     )
     permissions = []
     topic_permissions = []
@@ -146,15 +144,7 @@ def grants_definitions(
             {"user": name, "vhost": vhost, "configure": configure, "write": write, "read": read}
         )
         if topic:
-            topic_permissions.append(
-                {
-                    "user": name,
-                    "vhost": vhost,
-                    "exchange": DEVICE_TOPIC_EXCHANGE,
-                    "write": DEVICE_TOPIC_WRITE,
-                    "read": "^$",
-                }
-            )
+            topic_permissions.append({"user": name, "vhost": vhost, **grants["topic"]})
     doc: dict[str, Any] = {"permissions": permissions}
     if topic:
         doc["topic_permissions"] = topic_permissions
@@ -300,19 +290,35 @@ class DeviceLogins:
         return removed
 
 
-def remove_quietly(logins: DeviceLogins, patience: float, out: Callable[[str], None]) -> str:
-    """:meth:`DeviceLogins.remove`, retried while the management API is busy
-    (for at most ``patience`` seconds); a problem as text ("" when none)."""
+def patiently(
+    call: Callable[[], Any],
+    patience: float,
+    out: Callable[[str], None],
+    *,
+    doing: str = "retrying",
+    stop: Callable[[], bool] = lambda: False,
+) -> Any:
+    """``call()``, retried every 5 s while the management API is busy (a node
+    that just closed tens of thousands of connections can keep it busy for a
+    minute), for at most ``patience`` seconds or until ``stop()``; then its
+    :class:`BrokerUnreachable` is raised."""
     deadline = time.monotonic() + patience
     while True:
         try:
-            logins.remove()
-            left = logins.figures.get("left") or 0
-            return f"{left} device users could not be removed" if left else ""
+            return call()
         except BrokerUnreachable as exc:
-            if time.monotonic() > deadline:
-                return f"device users were not removed: {exc}"
-            out(f"management API busy ({exc}); retrying the removal of device users")
+            if time.monotonic() > deadline or stop():
+                raise
+            out(f"management API busy ({exc}); {doing}")
             time.sleep(5)
-        except Exception as exc:  # whatever it was, the report must still be written
-            return f"device users were not removed: {exc}"
+
+
+def remove_quietly(logins: DeviceLogins, patience: float, out: Callable[[str], None]) -> str:
+    """:meth:`DeviceLogins.remove`, retried while the management API is busy
+    (for at most ``patience`` seconds); a problem as text ("" when none)."""
+    try:
+        patiently(logins.remove, patience, out, doing="retrying the removal of device users")
+    except Exception as exc:  # whatever it was, the report must still be written
+        return f"device users were not removed: {exc}"
+    left = logins.figures.get("left") or 0
+    return f"{left} device users could not be removed" if left else ""

@@ -46,7 +46,7 @@ from edgeward.transport.signing import Signer
 from edgeward.transport.wire import Bundle
 
 from . import model
-from .logins import DeviceLogins, Stopped, new_secret, remove_quietly
+from .logins import DeviceLogins, Stopped, new_secret, patiently, remove_quietly
 from .scenario import Scenario, Step, device_name, labels_for
 
 SETTLE = 5.0
@@ -317,18 +317,8 @@ class Runner:
         self.out(f"  {self.scenario.devices:,} device users made in {seconds:.1f} s")
 
     def _patiently(self, call):
-        """``call()``, retried while the management API is busy."""
-        deadline = time.monotonic() + API_PATIENCE
-        while True:
-            try:
-                return call()
-            except BrokerUnreachable as exc:
-                # A node that just closed tens of thousands of connections can
-                # keep its management API busy for a minute: wait, then give up.
-                if time.monotonic() > deadline or self.abort.is_set():
-                    raise
-                self.out(f"management API busy ({exc}); retrying")
-                time.sleep(5)
+        """``call()``, retried while the management API is busy (not after Ctrl-C)."""
+        return patiently(call, API_PATIENCE, self.out, stop=self.abort.is_set)
 
     def _grant(self, vhost: str, label: str) -> None:
         """The device users' grants in a phase's vhost (their share of the set-up)."""
