@@ -171,13 +171,18 @@ def test_devices_confirm_latency_counts_from_heartbeats_add_up_in_one_histogram(
             device.publish_raw(topology.heartbeat_routing_key(name), hb.encode())
     finally:
         device.close()
-    # Then /metrics has one fleet-wide histogram holding all seven
+    # Then /metrics has one fleet-wide histogram holding all seven (the exporter
+    # refreshes the device rows and the mirror's counters by separate asks, so
+    # wait for both to have seen the heartbeats)
+    rejected = ("edgeward_bundles_rejected", (("reason", "bad_signature"),))
     metrics = wait_until(
         lambda: (
-            (s := scrape(port)).get(("edgeward_telemetry_confirm_seconds_count", ())) == 7 and s
+            (s := scrape(port)).get(("edgeward_telemetry_confirm_seconds_count", ())) == 7
+            and rejected in s
+            and s
         ),
         timeout=30,
-        message="the histogram never counted 7 confirms",
+        message="the histogram never counted 7 confirms with the refusals reported",
     )
     bucket = "edgeward_telemetry_confirm_seconds_bucket"
     assert metrics[(bucket, (("le", "0.005"),))] == 0
@@ -186,4 +191,4 @@ def test_devices_confirm_latency_counts_from_heartbeats_add_up_in_one_histogram(
     assert metrics[(bucket, (("le", "+Inf"),))] == 7
     assert metrics[("edgeward_telemetry_confirm_seconds_sum", ())] == pytest.approx(45.045)
     # And the bundles devices refused are summed by reason, from their last heartbeats
-    assert metrics[("edgeward_bundles_rejected", (("reason", "bad_signature"),))] == 2
+    assert metrics[rejected] == 2
