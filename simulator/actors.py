@@ -400,7 +400,7 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
         self.publish_conn: Any = None
         self.signer: Signer | None = None
         self.next_sample = 0.0
-        self.next_scrape = 0.0
+        self.scraper: Any = None  # a NodeScraper while a phase runs
         self.waiting_end: Any = None
         self.probes_sent: dict[int, float] = {}
         self.counter: Any = None  # the phase's TelemetryCounter (edgeward phase)
@@ -421,8 +421,15 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
 
             key = serialization.load_pem_private_key(msg.signing_key_pem, password=None)
             self.signer = Signer(key)  # type: ignore[arg-type]
+        self._stop_scraper()
         if msg.metrics_urls:
-            self._scrape()  # the idle broker, before any device connects
+            from .metrics import NodeScraper
+
+            # The idle broker, before any device connects, then every few
+            # seconds on the scraper's thread (a node under load can take
+            # seconds to answer: not on this loop, which answers progress).
+            self._keep(NodeScraper(msg.metrics_urls, SCRAPE_EVERY).once())
+            self.scraper = NodeScraper(msg.metrics_urls, SCRAPE_EVERY).start()
         self.shards = []
         self.counter, self.counted, self.counted_final = None, None, None
         self.count_deadline = None
@@ -435,7 +442,6 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
             self.shards.append(shard)
             self.send(shard, (number, config))
         self.next_sample = time.monotonic() + REPORT_EVERY
-        self.next_scrape = time.monotonic()
         self.reported_at = dict.fromkeys(range(len(self.shards)), time.monotonic())
         self.arm(0.5)
         self.send(sender, {"started": len(self.shards)})
@@ -606,9 +612,8 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
                     client_cpu_seconds=t["cpu"],
                 )
             )
-        if now >= self.next_scrape and self.phase.metrics_urls:
-            self.next_scrape = now + SCRAPE_EVERY
-            self._scrape()
+        if self.scraper is not None:
+            self._keep(self.scraper.take())
         if self.publish_conn is not None and self.publish_conn.is_open:
             try:
                 self.publish_conn.process_data_events(time_limit=0)
@@ -626,18 +631,12 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
                 return
         self.arm(0.25)
 
-    def _scrape(self) -> None:
-        from .metrics import MetricsUnavailable, scrape
-
+    def _keep(self, samples: list[tuple[float, str, dict[str, float]]]) -> None:
         assert self.phase is not None and self.result is not None
-        for node, url in self.phase.metrics_urls:
-            try:
-                m = scrape(url, timeout=2.0)
-            except MetricsUnavailable:
-                continue
+        for when, node, m in samples:
             self.result.broker.append(
                 model.BrokerSample(
-                    t=self._t(),
+                    t=self._t(when),
                     node=node,
                     memory_bytes=m.get("memory_bytes", 0.0),
                     fds=m.get("fds", 0.0),
@@ -648,6 +647,18 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
                     cpu_seconds=m.get("cpu_seconds", 0.0),
                 )
             )
+
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
+        if self.scraper is not None:
+            self.scraper.stop()
+            self.scraper = None
+
+    def _stop_scraper(self) -> None:
+        if self.scraper is not None:
+            left = self.scraper.stop()
+            if self.phase is not None and self.result is not None:
+                self._keep(left)
+            self.scraper = None
 
     def receiveMsg_EndPhase(self, msg: EndPhase, sender: Any) -> None:
         self.waiting_end = sender
@@ -665,6 +676,7 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
                 self.send(self.counter, FinishCount())
             return
         assert self.result is not None
+        self._stop_scraper()
         totals = self._totals()
         r = self.result
         r.errors = totals["errors"]

@@ -46,12 +46,15 @@ count were seen to move at once.
 from __future__ import annotations
 
 import math
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["METRICS", "MetricsUnavailable", "parse", "scrape"]
+__all__ = ["METRICS", "MetricsUnavailable", "NodeScraper", "parse", "scrape"]
 
 METRICS: dict[str, str] = {
     "memory_bytes": "rabbitmq_process_resident_memory_bytes",
@@ -141,3 +144,63 @@ def parse(text: str) -> dict[str, float]:
         if seen:
             out[key] = total * SCALE.get(key, 1.0)
     return out
+
+
+class NodeScraper:
+    """Scrapes nodes every ``every`` seconds on a thread of its own.
+
+    A node under 35,000 connections can take seconds to answer; scraping on
+    the caller's loop would stall whatever else that loop serves (the
+    director's progress answers, its shards' nudges). :meth:`take` hands over
+    what was scraped since the last call as ``(time.time(), node, figures)``;
+    an endpoint that does not answer is skipped for that round.
+    """
+
+    def __init__(
+        self, nodes: Sequence[tuple[str, str]], every: float, timeout: float = 2.0
+    ) -> None:
+        self.nodes = list(nodes)
+        self.every = every
+        self.timeout = timeout
+        self._samples: list[tuple[float, str, dict[str, float]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="node-scraper", daemon=True)
+
+    def start(self) -> NodeScraper:
+        self._thread.start()
+        return self
+
+    def once(self) -> list[tuple[float, str, dict[str, float]]]:
+        """One round over the nodes, on the caller's thread."""
+        self._round()
+        return self.take()
+
+    def take(self) -> list[tuple[float, str, dict[str, float]]]:
+        with self._lock:
+            samples, self._samples = self._samples, []
+        return samples
+
+    def stop(self) -> list[tuple[float, str, dict[str, float]]]:
+        """Stop (waiting for a scrape under way) and return what is left."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self.timeout * len(self.nodes) + 1.0)
+        return self.take()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            self._round()
+            self._stop.wait(max(0.0, self.every - (time.monotonic() - began)))
+
+    def _round(self) -> None:
+        for node, url in self.nodes:
+            if self._stop.is_set():
+                return
+            try:
+                figures = scrape(url, timeout=self.timeout)
+            except MetricsUnavailable:
+                continue
+            with self._lock:
+                self._samples.append((time.time(), node, figures))

@@ -123,6 +123,57 @@ def test_scrape_unreachable_raises(free_port_factory) -> None:
     assert info.value.url == url
 
 
+def test_a_slow_node_is_scraped_on_the_scrapers_thread_not_the_callers(
+    free_port_factory,
+) -> None:
+    import http.server
+    import threading
+    import time
+
+    from edgeward.simulator.metrics import NodeScraper
+
+    # Given a node that takes a second to answer and one that does not answer
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(1.0)
+            body = b"# TYPE rabbitmq_connections gauge\nrabbitmq_connections 42\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    slow = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    away = f"http://127.0.0.1:{free_port_factory()}/metrics"
+    scraper = NodeScraper([("rabbit@away", away), ("rabbit@slow", slow)], every=0.5)
+    try:
+        # When the scraper runs
+        scraper.start()
+        # Then taking its samples never waits on a scrape
+        began = time.monotonic()
+        first = scraper.take()
+        assert time.monotonic() - began < 0.1
+        # And the slow node's figures arrive, the silent node's never do
+        samples = list(first)
+        wait_until(
+            lambda: samples.extend(scraper.take()) or len(samples) >= 2,
+            timeout=10,
+            message="the slow node was not scraped twice",
+        )
+        assert {node for _, node, _ in samples} == {"rabbit@slow"}
+        assert all(figures == {"connections": 42.0} for _, _, figures in samples)
+    finally:
+        scraper.stop()
+        server.shutdown()
+        server.server_close()
+    # And once stopped it scrapes no more
+    assert not scraper._thread.is_alive()
+
+
 # -- real nodes ------------------------------------------------------------------
 
 
