@@ -87,6 +87,23 @@ class CoalescingConnection(AsyncioConnection):
         if pending and self._transport is not None:
             super()._adapter_emit_data(b"".join(pending))
 
+    def _set_server_information(self, method_frame: Any) -> None:
+        # Every connection to a cluster is told the same server properties
+        # (product, version, capabilities, ...): ~2 KiB of decoded strings and
+        # dicts per connection, kept for its life. Keep one copy per distinct
+        # value instead.
+        super()._set_server_information(method_frame)
+        key = repr((self.server_properties, self.server_capabilities))
+        shared = _SERVER_INFO.get(key)
+        if shared is None and len(_SERVER_INFO) < 64:
+            shared = _SERVER_INFO[key] = (self.server_properties, self.server_capabilities)
+        if shared is not None:
+            self.server_properties, self.server_capabilities = shared
+
+
+#: Server properties seen by this process's connections, by their repr.
+_SERVER_INFO: dict[str, tuple[Any, Any]] = {}
+
 
 @dataclass
 class ShardConfig:
