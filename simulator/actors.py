@@ -198,6 +198,7 @@ class WorkerShard(Driven, ActorTypeDispatcher):
         self.number = 0
         self.next_report = 0.0
         self.stopping_until: float | None = None
+        self.slowest = 0.0  # the longest loop slice since the last report (s)
 
     def receiveMsg_tuple(self, msg: tuple, sender: Any) -> None:
         number, config = msg
@@ -247,8 +248,12 @@ class WorkerShard(Driven, ActorTypeDispatcher):
             self.shard.stop()
             self.loop.run_until_complete(asyncio.sleep(1.0))
             os._exit(0)
+        began = time.monotonic()
         self.loop.run_until_complete(asyncio.sleep(SLICE))
         now = time.monotonic()
+        # One asyncio turn runs every ready callback (5,000 deliveries at
+        # once): on an overloaded machine a slice can last many seconds.
+        self.slowest = max(self.slowest, now - began)
         if self.stopping_until is not None:
             closed = not any(link.conn is not None for link in self.shard.links)
             if closed or now >= self.stopping_until:
@@ -260,7 +265,10 @@ class WorkerShard(Driven, ActorTypeDispatcher):
                 return
         elif now >= self.next_report:
             self.next_report = now + REPORT_EVERY
-            self.send(self.director, ShardReport(self.number, time.time(), self.shard.snapshot()))
+            snapshot = self.shard.snapshot()
+            snapshot["slowest_turn_s"] = round(self.slowest, 3)
+            self.slowest = 0.0
+            self.send(self.director, ShardReport(self.number, time.time(), snapshot))
         self.arm(RESUME)
 
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
@@ -395,6 +403,7 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
         self.last: dict[int, dict] = {}
         self.finals: dict[int, dict] = {}
         self.reported_at: dict[int, float] = {}  # shard -> monotonic time of its last report
+        self.nudged: set[int] = set()  # shards nudged that have not reported since
         self.rollouts: dict[int, model.Rollout] = {}
         self.fanouts: dict[int, list[float]] = {}
         self.publish_conn: Any = None
@@ -443,6 +452,7 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
             self.send(shard, (number, config))
         self.next_sample = time.monotonic() + REPORT_EVERY
         self.reported_at = dict.fromkeys(range(len(self.shards)), time.monotonic())
+        self.nudged = set()
         self.arm(0.5)
         self.send(sender, {"started": len(self.shards)})
 
@@ -511,6 +521,7 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
     def receiveMsg_ShardReport(self, msg: ShardReport, sender: Any) -> None:
         self.last[msg.shard] = msg.data
         self.reported_at[msg.shard] = time.monotonic()
+        self.nudged.discard(msg.shard)
         for revision, latency, late in msg.data.get("applies", ()):
             rollout = self.rollouts.get(revision)
             if rollout is not None:
@@ -567,6 +578,9 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
                 errors[kind] = errors.get(kind, 0) + n
         totals["errors"] = errors
         totals["telemetry"] = self._telemetry()
+        totals["slowest_turn_s"] = max(
+            (d.get("slowest_turn_s", 0.0) for d in self.last.values()), default=0.0
+        )
         return totals
 
     def receiveMsg_Progress(self, msg: Progress, sender: Any) -> None:
@@ -591,8 +605,16 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
             return
         now = time.monotonic()
         for number, shard in enumerate(self.shards):
-            if number not in self.finals and now - self.reported_at[number] > STALL_SECONDS:
-                self.reported_at[number] = now  # one nudge per silence
+            if (
+                number not in self.finals
+                and number not in self.nudged
+                and now - self.reported_at[number] > STALL_SECONDS
+            ):
+                # One nudge per silence, however long: a shard busy in a long
+                # loop turn acknowledges nothing, and Thespian holds at most
+                # 20 unacknowledged sends per actor before queueing the rest
+                # (answers to progress polls among them) behind them.
+                self.nudged.add(number)
                 self.send(shard, Command("nudge"))
         # Once shards report their final counts the fleet is stopping (and
         # may wait on the telemetry counter): that is no sample of it running.

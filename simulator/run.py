@@ -53,6 +53,9 @@ SETTLE = 5.0
 API_TIMEOUT = 60.0  # one management API request, seconds
 API_PATIENCE = 300.0  # how long a busy management API is waited for
 PROGRESS_PATIENCE = 120.0  # how long a progress poll waits for the director
+# A worker's loop turn this long (seconds) means the machine cannot keep up:
+# its devices' figures are late by as much, and the progress line says so.
+SLOW_TURN = 2.0
 STORM_LIMIT = 300.0  # how long a reconnect storm is waited for, each phase
 RESTART_LIMIT = 180.0  # how long the devices of a restarted node are waited for
 # How long the outboxes are given to drain at the end.  A backlog larger than
@@ -248,6 +251,10 @@ class Runner:
         self.labels = [labels_for(scenario, i) for i in range(scenario.devices)]
         self.run: model.RunData | None = None
         self.baseline_broker: list[model.BrokerSample] = []
+        # The phase as this process's progress polls saw it: the report's
+        # fleet figures when the director's own record of it is lost.
+        self.seen: list[model.FleetSample] = []
+        self.slowest_turn = 0.0  # the longest a worker went without serving its actor
         self.t0 = time.time()
 
     # -- set-up ------------------------------------------------------------------
@@ -479,12 +486,31 @@ class Runner:
             # A director busy for a while (scraping loaded nodes on shared
             # cores) is not a dead one: patience, and no stale answer taken.
             progress = self.ask(Progress(), PROGRESS_PATIENCE, expect=_is_progress)
+            self._saw(progress)
             self._progress_line(what, progress)
             if until is not None and until(progress):
                 return progress
             if time.monotonic() >= deadline:
                 return progress
             self.abort.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _saw(self, p: dict) -> None:
+        if not p.get("shards_reporting"):
+            return
+        self.seen.append(
+            model.FleetSample(
+                t=time.time() - self.t0,
+                connected=p.get("connected", 0),
+                in_sync=p.get("in_sync", 0),
+                online=p.get("online", 0),
+                errors=sum(p.get("errors", {}).values()),
+                deliveries=p.get("deliveries", 0),
+                heartbeats=p.get("heartbeats", 0),
+                client_rss_bytes=p.get("rss", 0),
+                client_cpu_seconds=p.get("cpu", 0.0),
+            )
+        )
+        self.slowest_turn = max(self.slowest_turn, p.get("slowest_turn_s", 0.0))
 
     def _progress_line(self, what: str, p: dict) -> None:
         errors = sum(p.get("errors", {}).values())
@@ -493,6 +519,9 @@ class Runner:
             f"/{p.get('online', 0):<6} in sync {p.get('in_sync', 0):>6}  "
             f"errors {errors:<5} unexpected closes {p.get('unexpected_closes', 0)}"
         )
+        behind = p.get("slowest_turn_s", 0.0)
+        if behind >= SLOW_TURN:
+            line += f"  workers overloaded: a loop turn took {behind:.0f} s"
         tel = p.get("telemetry", {})
         if tel.get("sent"):
             line += (
@@ -511,6 +540,7 @@ class Runner:
     def _phase(self, mode: str, urls: list[str], metrics, signer: Signer | None):
         from .actors import EndPhase, StartPhase
 
+        self.seen = []
         key = b""
         trusted: dict[str, str] = {}
         if signer is not None:
@@ -691,7 +721,17 @@ class Runner:
             self._drain_telemetry(run)
             run.completed = True
         finally:
-            result = self._end_phase(end)
+            try:
+                result = self._end_phase(end)
+            except RuntimeError:
+                # The director's record of the phase is lost: keep what the
+                # progress polls saw of it.
+                run.samples, run.broker = list(self.seen), list(self.baseline_broker)
+                run.notes.append(
+                    "The fleet figures over time are this process's progress polls "
+                    "(every ~1-5 s): the director's own record of the phase was lost."
+                )
+                raise
             self._fold(run, result, policies.revision)
 
     def _drain_telemetry(self, run: model.RunData) -> None:
@@ -848,6 +888,13 @@ class Runner:
             failure = exc
         finally:
             run.duration = time.time() - self.t0
+            if self.slowest_turn >= SLOW_TURN:
+                run.notes.append(
+                    f"The load generator was overloaded: a worker's loop turn took up to "
+                    f"{self.slowest_turn:.1f} s, and its devices' figures (connects, "
+                    "propagation, acks) are late by as much. Run the workers on cores the "
+                    "broker does not use (docs/simulator.md)."
+                )
             self.cleanup()
         from . import report
 

@@ -65,6 +65,50 @@ def test_a_wakeup_never_delivered_is_rearmed_and_the_late_original_ignored(clock
     assert actor.rearm_if_stalled(0.25) is False and len(actor.asked) == 2
 
 
+class Director(actors.SimulationDirector):
+    """A director whose sends and wakeups are recorded instead of made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[Any, Any]] = []
+        self.asked: list[tuple[Any, Any]] = []
+
+    def send(self, target: Any, msg: Any) -> None:
+        self.sent.append((target, msg))
+
+    def wakeupAfter(self, delay: Any, payload: Any = None) -> None:  # noqa: N802
+        self.asked.append((delay, payload))
+
+    def tick(self, clock: Clock, seconds: float) -> None:
+        clock.now += seconds
+        self.receiveMsg_WakeupMessage(WakeupMessage(0.25, self._generation), None)
+
+    def nudges(self) -> list[Any]:
+        return [t for t, m in self.sent if isinstance(m, actors.Command) and m.kind == "nudge"]
+
+
+def test_a_silent_shard_is_nudged_once_until_it_reports_again(clock: Clock) -> None:
+    # Given a director running a phase with two shards, both just heard from
+    director = Director()
+    director.phase = actors.StartPhase(
+        mode="raw", urls=(), publish_url="", configs=(), started_at=0.0
+    )
+    director.result = actors.PhaseResult(mode="raw")
+    director.shards = ["shard-0", "shard-1"]
+    director.reported_at = {0: clock.now, 1: clock.now}
+    director.arm(0.25)
+    # When neither reports for a minute (busy in long loop turns)
+    for _ in range(240):
+        director.tick(clock, 0.25)
+    # Then each was nudged once, not once per few seconds of silence
+    assert director.nudges() == ["shard-0", "shard-1"]
+    # And a shard that reports and falls silent again is nudged again
+    director.receiveMsg_ShardReport(actors.ShardReport(0, 0.0, {}), "shard-0")
+    for _ in range(4 * int(STALL_SECONDS) + 4):
+        director.tick(clock, 0.25)
+    assert director.nudges() == ["shard-0", "shard-1", "shard-0"]
+
+
 KILL_FORKS = """
 import os, subprocess, sys, time
 from edgeward.simulator.run import kill_forks
@@ -127,6 +171,70 @@ def test_a_late_answer_to_an_earlier_ask_is_not_taken_for_this_ones(tmp_path) ->
     runner.asys = LateDirector({"connected": 10})
     with pytest.raises(RuntimeError, match="did not answer EndPhase"):
         runner.ask(EndPhase(), 5, expect=lambda r: isinstance(r, PhaseResult))
+
+
+class DirectorLostAtTheEnd:
+    """An actor system whose director answers the phase's progress polls
+    (two shards reporting, a loop turn of 3 s), then never its end."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    def ask(self, to: Any, msg: Any, timeout: float) -> Any:
+        from edgeward.simulator.actors import EndPhase, Progress, StartPhase
+
+        if isinstance(msg, StartPhase):
+            return {"started": 2}
+        if isinstance(msg, Progress):
+            self.polls += 1
+            return {
+                "shards_reporting": 2,
+                "connected": 2,
+                "online": 2,
+                "in_sync": 0,
+                "errors": {"handshake_timeout": 1},
+                "slowest_turn_s": 3.0,
+            }
+        assert isinstance(msg, EndPhase)
+        return None
+
+    def listen(self, timeout: float) -> Any:
+        return None
+
+
+def test_a_phase_whose_end_is_lost_keeps_what_the_progress_polls_saw(tmp_path) -> None:
+    from edgeward.simulator import model
+    from edgeward.simulator.run import Runner
+    from edgeward.simulator.scenario import parse
+
+    # Given a run whose director answers progress polls but not the phase's end
+    runner = Runner(
+        parse("devices = 2\nduration = 1\ntelemetry = false\n"),
+        tmp_path,
+        brokers=["amqp://x/"],
+    )
+    runner.asys = DirectorLostAtTheEnd()
+    runner.out = lambda *args: None
+    run = model.RunData(
+        scenario={},
+        devices=2,
+        workers=1,
+        verify="every",
+        share_connections=1,
+        brokers=["amqp://x/"],
+        nodes=1,
+        broker_config="default",
+        started_at=0.0,
+    )
+    # When the edgeward phase ends
+    with pytest.raises(RuntimeError, match="did not answer EndPhase"):
+        runner.edgeward(["amqp://x/"], [], run)
+    # Then the fleet figures over time are the polls', and the report says so
+    assert len(run.samples) == runner.asys.polls >= 2
+    assert run.samples[-1].connected == 2 and run.samples[-1].errors == 1
+    assert any("progress polls" in note for note in run.notes)
+    # And the overloaded workers are remembered for the report
+    assert runner.slowest_turn == 3.0
 
 
 def test_a_connection_lost_on_a_node_being_restarted_is_no_unexpected_close() -> None:
