@@ -969,7 +969,12 @@ def _is_progress(reply: Any) -> bool:
 def kill_forks() -> int:
     """SIGKILL this process's descendants that are forks of it (the same
     command line: the actor system's processes), not the broker nodes it
-    started; how many there were."""
+    started; how many there were.
+
+    Thespian's admin daemonizes: it forks twice and starts a session of its
+    own, so it and the actors it forks are no descendants of ours but
+    orphans in a session whose id is the pid of our (exited) child. Both
+    kinds are found."""
     me = os.getpid()
     try:
         with open(f"/proc/{me}/cmdline", "rb") as fh:
@@ -977,17 +982,22 @@ def kill_forks() -> int:
     except OSError:
         return 0
     parents: dict[int, int] = {}
+    sessions: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as fh:
-                    parents[int(entry)] = int(fh.read().rpartition(")")[2].split()[1])
+                    fields = fh.read().rpartition(")")[2].split()
+                parents[int(entry)] = int(fields[1])
+                sessions[int(entry)] = int(fields[3])
             except (OSError, ValueError, IndexError):
                 continue
     descendants, frontier = set(), {me}
     while frontier:
         frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - descendants
         descendants |= frontier
+    children = {pid for pid, ppid in parents.items() if ppid == me}
+    descendants |= {pid for pid, sid in sessions.items() if sid in children and pid != me}
     killed = 0
     for pid in descendants:
         try:

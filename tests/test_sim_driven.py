@@ -124,9 +124,24 @@ for _ in range(2):
         time.sleep(30)
         os._exit(0)
     forks.append(pid)
+# A daemon, as Thespian's admin starts: a child that starts a session of its
+# own, forks and exits; the grandchild (orphaned) forks an actor of its own.
+read, write = os.pipe()
+daemonizer = os.fork()
+if daemonizer == 0:
+    os.setsid()
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        os.write(write, b"up")
+        time.sleep(30)
+        os._exit(0)
+    os._exit(0)
+os.read(read, 2)  # the daemon and its actor are running, our child is a zombie
 time.sleep(0.5)
 print(kill_forks())
-for pid in forks:
+for pid in forks + [daemonizer]:
     os.waitpid(pid, 0)
 print(other.poll())
 other.kill()
@@ -139,7 +154,7 @@ def test_the_processes_a_run_forked_are_ended_and_nothing_else() -> None:
     )
     assert done.returncode == 0, done.stderr
     killed, other = done.stdout.split()
-    assert killed == "4"  # two forks and a fork of each
+    assert killed == "6"  # two forks and a fork of each, the daemon and its fork
     assert other == "None"  # the sleep (another program) still runs
 
 
