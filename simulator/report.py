@@ -575,10 +575,14 @@ def _broker_peak_moment(
     return t, current
 
 
-def _devices_connected_at(run: RunData, t: float) -> int | None:
+def _devices_connected_at(run: RunData, t: float, within: float = 15.0) -> int | None:
+    """Devices connected at ``t``, from the fleet sample nearest it; None
+    when no sample is within ``within`` seconds (e.g. a broker peak in the
+    baseline phase, whose fleet samples a partial report may not have)."""
     if not run.samples:
         return None
-    return min(run.samples, key=lambda s: abs(s.t - t)).connected
+    nearest = min(run.samples, key=lambda s: abs(s.t - t))
+    return nearest.connected if abs(nearest.t - t) <= within else None
 
 
 def _broker(run: RunData, notes: list[str]) -> dict[str, Any]:
@@ -650,6 +654,13 @@ def _per_connection(
     t, at_peak = moment
     connections = sum(s.connections - idle[n].connections for n, s in at_peak.items())
     devices = _devices_connected_at(run, t)
+    if devices is None:
+        return {
+            **unmeasured,
+            "measured_at": {"t": _r(t), "connections": connections, "devices": None},
+            "reason": f"no fleet sample near the broker's peak (t = {t:.1f} s): "
+            "how many devices held those connections is unknown",
+        }
     if devices and not run.share_connections and abs(connections - devices) > 0.1 * devices:
         notes.append(
             f"At t = {t:.1f} s the broker counted {connections:,.0f} connections above idle "

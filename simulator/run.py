@@ -255,6 +255,7 @@ class Runner:
         # fleet figures when the director's own record of it is lost.
         self.seen: list[model.FleetSample] = []
         self.slowest_turn = 0.0  # the longest a worker went without serving its actor
+        self.seen_base_rss = 0  # the workers' RSS before their devices, as polled
         self.t0 = time.time()
 
     # -- set-up ------------------------------------------------------------------
@@ -511,6 +512,7 @@ class Runner:
             )
         )
         self.slowest_turn = max(self.slowest_turn, p.get("slowest_turn_s", 0.0))
+        self.seen_base_rss = p.get("base_rss", 0)
 
     def _progress_line(self, what: str, p: dict) -> None:
         errors = sum(p.get("errors", {}).values())
@@ -727,6 +729,7 @@ class Runner:
                 # The director's record of the phase is lost: keep what the
                 # progress polls saw of it.
                 run.samples, run.broker = list(self.seen), list(self.baseline_broker)
+                run.client_base_rss_bytes = self.seen_base_rss
                 run.notes.append(
                     "The fleet figures over time are this process's progress polls "
                     "(every ~1-5 s): the director's own record of the phase was lost."

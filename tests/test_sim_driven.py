@@ -209,6 +209,8 @@ class DirectorLostAtTheEnd:
                 "in_sync": 0,
                 "errors": {"handshake_timeout": 1},
                 "slowest_turn_s": 3.0,
+                "rss": 50_000_000,
+                "base_rss": 40_000_000,
             }
         assert isinstance(msg, EndPhase)
         return None
@@ -247,6 +249,7 @@ def test_a_phase_whose_end_is_lost_keeps_what_the_progress_polls_saw(tmp_path) -
     # Then the fleet figures over time are the polls', and the report says so
     assert len(run.samples) == runner.asys.polls >= 2
     assert run.samples[-1].connected == 2 and run.samples[-1].errors == 1
+    assert run.client_base_rss_bytes == 40_000_000  # client cost is above the workers' start
     assert any("progress polls" in note for note in run.notes)
     # And the overloaded workers are remembered for the report
     assert runner.slowest_turn == 3.0

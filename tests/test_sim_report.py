@@ -478,6 +478,22 @@ def test_sampling_that_starts_after_the_ramp_cannot_measure_idle_cost() -> None:
     assert all(fleet["nodes"] is None for fleet in sizing["fleets"])
 
 
+def test_a_broker_peak_with_no_fleet_sample_near_it_is_not_divided_by_a_far_one() -> None:
+    # Given a partial run whose fleet samples start long after the broker's peak
+    # (the baseline's broker samples, the edgeward phase's progress polls)
+    run = synthetic_run()
+    last = max(s.t for s in run.broker)
+    for sample in run.samples:
+        sample.t += last + 60
+        sample.connected = 3
+
+    sizing = figures_for(run)["sizing"]
+
+    # Then no per-device cost is made up from the 3 devices then connected
+    assert "no fleet sample near" in sizing["reason"]
+    assert all(fleet["nodes"] is None for fleet in sizing["fleets"])
+
+
 def test_headroom_outside_zero_to_one_is_refused() -> None:
     with pytest.raises(ValueError, match="headroom"):
         figures_for(synthetic_run(), headroom=1.0)
