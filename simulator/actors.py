@@ -430,7 +430,7 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
 
             key = serialization.load_pem_private_key(msg.signing_key_pem, password=None)
             self.signer = Signer(key)  # type: ignore[arg-type]
-        self._stop_scraper()
+        self._stop_scraper(keep=False)  # a phase that never finished: not this one's
         if msg.metrics_urls:
             from .metrics import NodeScraper
 
@@ -671,14 +671,12 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
             )
 
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
-        if self.scraper is not None:
-            self.scraper.stop()
-            self.scraper = None
+        self._stop_scraper(keep=False)
 
-    def _stop_scraper(self) -> None:
+    def _stop_scraper(self, keep: bool = True) -> None:
         if self.scraper is not None:
             left = self.scraper.stop()
-            if self.phase is not None and self.result is not None:
+            if keep and self.phase is not None and self.result is not None:
                 self._keep(left)
             self.scraper = None
 
