@@ -152,6 +152,22 @@ class PhaseResult:
     telemetry_stream: TelemetryCount | None = None  # what the counter read
 
 
+def fleet_sample(t: float, totals: dict[str, Any]) -> model.FleetSample:
+    """The fleet at ``t`` from the director's totals (``_totals``, as a
+    progress poll also receives them)."""
+    return model.FleetSample(
+        t=t,
+        connected=totals.get("connected", 0),
+        in_sync=totals.get("in_sync", 0),
+        online=totals.get("online", 0),
+        errors=sum(totals.get("errors", {}).values()),
+        deliveries=totals.get("deliveries", 0),
+        heartbeats=totals.get("heartbeats", 0),
+        client_rss_bytes=totals.get("rss", 0),
+        client_cpu_seconds=totals.get("cpu", 0.0),
+    )
+
+
 # -- the worker shard -------------------------------------------------------------
 
 
@@ -437,8 +453,9 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
             # The idle broker, before any device connects, then every few
             # seconds on the scraper's thread (a node under load can take
             # seconds to answer: not on this loop, which answers progress).
-            self._keep(NodeScraper(msg.metrics_urls, SCRAPE_EVERY).once())
-            self.scraper = NodeScraper(msg.metrics_urls, SCRAPE_EVERY).start()
+            self.scraper = NodeScraper(msg.metrics_urls, SCRAPE_EVERY)
+            self._keep(self.scraper.once())
+            self.scraper.start()
         self.shards = []
         self.counter, self.counted, self.counted_final = None, None, None
         self.count_deadline = None
@@ -621,19 +638,7 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
         if now >= self.next_sample and self.last and not self.finals:
             self.next_sample = now + REPORT_EVERY
             t = self._totals()
-            self.result.samples.append(
-                model.FleetSample(
-                    t=self._t(),
-                    connected=t["connected"],
-                    in_sync=t["in_sync"],
-                    online=t["online"],
-                    errors=sum(t["errors"].values()),
-                    deliveries=t["deliveries"],
-                    heartbeats=t["heartbeats"],
-                    client_rss_bytes=t["rss"],
-                    client_cpu_seconds=t["cpu"],
-                )
-            )
+            self.result.samples.append(fleet_sample(self._t(), t))
         if self.scraper is not None:
             self._keep(self.scraper.take())
         if self.publish_conn is not None and self.publish_conn.is_open:

@@ -496,21 +496,11 @@ class Runner:
             self.abort.wait(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def _saw(self, p: dict) -> None:
+        from .actors import fleet_sample
+
         if not p.get("shards_reporting"):
             return
-        self.seen.append(
-            model.FleetSample(
-                t=time.time() - self.t0,
-                connected=p.get("connected", 0),
-                in_sync=p.get("in_sync", 0),
-                online=p.get("online", 0),
-                errors=sum(p.get("errors", {}).values()),
-                deliveries=p.get("deliveries", 0),
-                heartbeats=p.get("heartbeats", 0),
-                client_rss_bytes=p.get("rss", 0),
-                client_cpu_seconds=p.get("cpu", 0.0),
-            )
-        )
+        self.seen.append(fleet_sample(time.time() - self.t0, p))
         self.slowest_turn = max(self.slowest_turn, p.get("slowest_turn_s", 0.0))
         self.seen_base_rss = p.get("base_rss", 0)
 
