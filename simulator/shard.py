@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
-from pika.adapters.asyncio_connection import AsyncioConnection
 
 from edgeward.actors import core as c
 from edgeward.actors.outbox import DEFAULT_MAX_RECORDS, Sender
@@ -45,6 +44,7 @@ from edgeward.transport import topology
 from edgeward.transport.connection import Backoff, quiet_pika
 from edgeward.transport.signing import CachingVerifier, Verifier
 
+from .lean import LeanConnection
 from .logins import device_password
 from .scenario import device_name
 from .telemetry import ALERT_EVENT, MemoryOutbox, SimBackend, agent_default
@@ -59,50 +59,6 @@ def host_port(url: str) -> str:
         return f"{parts.hostname}:{parts.port or 5672}"
     except ValueError:
         return url
-
-
-class CoalescingConnection(AsyncioConnection):
-    """pika's asyncio connection, writing all frames of one loop turn in one send.
-
-    pika hands the transport one buffer per frame and the transport sends
-    each with its own ``send()``: a device's ack plus heartbeat was four
-    system calls, and on loopback each costs the sender the receiver's work
-    too (~90 µs measured) — the largest part of the simulator's CPU per
-    delivery. Joining them changes nothing on the wire but the segmenting.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._pending: list[bytes] | None = None
-        super().__init__(*args, **kwargs)
-
-    def _adapter_emit_data(self, data: bytes) -> None:
-        if self._pending is None:
-            self._pending = [data]
-            self.ioloop.call_soon(self._flush)
-        else:
-            self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending and self._transport is not None:
-            super()._adapter_emit_data(b"".join(pending))
-
-    def _set_server_information(self, method_frame: Any) -> None:
-        # Every connection to a cluster is told the same server properties
-        # (product, version, capabilities, ...): ~2 KiB of decoded strings and
-        # dicts per connection, kept for its life. Keep one copy per distinct
-        # value instead.
-        super()._set_server_information(method_frame)
-        key = repr((self.server_properties, self.server_capabilities))
-        shared = _SERVER_INFO.get(key)
-        if shared is None and len(_SERVER_INFO) < 64:
-            shared = _SERVER_INFO[key] = (self.server_properties, self.server_capabilities)
-        if shared is not None:
-            self.server_properties, self.server_capabilities = shared
-
-
-#: Server properties seen by this process's connections, by their repr.
-_SERVER_INFO: dict[str, tuple[Any, Any]] = {}
 
 
 @dataclass
@@ -312,7 +268,7 @@ class Shard:
                 link := link_class(
                     members,
                     config.urls,
-                    CoalescingConnection,
+                    LeanConnection,
                     loop,
                     name=f"edgeward-sim {device_name(index)}",
                     heartbeat=60,

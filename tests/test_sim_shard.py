@@ -128,28 +128,6 @@ def test_shard_devices_apply_a_revision_and_catch_up_after_a_cut(
         loop.close()
 
 
-def test_connections_to_one_broker_keep_one_copy_of_its_server_properties(
-    broker_url: str,
-) -> None:
-    # Given a shard of 3 devices, each with its own connection
-    shard, loop, _ = shard_on(broker_url, 3)
-    try:
-        # When they are connected
-        shard.start()
-        run_until(loop, lambda: shard.snapshot()["connected"] == 3, 20, "all connected")
-        conns = [link.conn for link in shard.links]
-        # Then they hold one copy of what the broker said about itself
-        assert conns[0].server_properties["product"] in ("RabbitMQ", b"RabbitMQ")
-        assert all(c.server_properties is conns[0].server_properties for c in conns)
-        assert all(c.server_capabilities is conns[0].server_capabilities for c in conns)
-        # And what pika reads from it still holds
-        assert all(c.publisher_confirms and c.consumer_cancel_notify for c in conns)
-    finally:
-        shard.stop()
-        loop.run_until_complete(asyncio.sleep(0.5))
-        loop.close()
-
-
 def read_telemetry(url: str, expected: int, timeout: float) -> StreamTally:
     """The vhost's telemetry stream from its start, tallied, until ``expected``
     distinct records were read (or the timeout)."""
