@@ -861,12 +861,23 @@ def cmd_audit_status(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from edgeward.simulator.run import simulate
+    from edgeward.simulator.run import WorkersMissing, simulate
     from edgeward.simulator.scenario import ScenarioError
 
     try:
         return simulate(args)
     except ScenarioError as exc:
+        raise CliError("bad_input", str(exc)) from None
+    except WorkersMissing as exc:
+        raise CliError("unreachable", str(exc)) from None
+
+
+def cmd_simulate_worker(args: argparse.Namespace) -> int:
+    from edgeward.simulator.workerhost import PortInUse, serve
+
+    try:
+        return serve(args.port, address=args.address, name=args.name)
+    except PortInUse as exc:
         raise CliError("bad_input", str(exc)) from None
 
 
@@ -1203,6 +1214,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--devices", type=int, help="fleet size (overrides the scenario)")
     sim.add_argument("--workers", type=int, help="worker processes (default: one per 5,000)")
     sim.add_argument(
+        "--worker-host",
+        action="append",
+        metavar="HOST:PORT",
+        help="run the worker processes on this host, where `edgeward simulate-worker "
+        "--port PORT` runs, not here (repeat for several; the workers are spread over "
+        "them); keeps the load generator off the broker's cores. Clocks must agree (NTP)",
+    )
+    sim.add_argument(
+        "--worker-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long --worker-host hosts are waited for (default %(default)s)",
+    )
+    sim.add_argument(
         "--ramp-rate",
         type=float,
         metavar="PER_SECOND",
@@ -1302,6 +1328,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="sizing: a revision delivered to every device within this (CPU; default %(default)s)",
     )
     sim.set_defaults(func=cmd_simulate)
+
+    simw = verbs.add_parser(
+        "simulate-worker",
+        help="host a simulation's worker processes here, for a run on another host",
+        description="Start an actor system that hosts the worker processes (and their "
+        "simulated devices) of `edgeward simulate --worker-host THIS_HOST:PORT` runs, one "
+        "after another, until Ctrl-C. The devices connect to the run's broker URLs from "
+        "here, so those must be reachable from this host.",
+    )
+    simw.add_argument(
+        "--port",
+        type=int,
+        default=1960,
+        help="the port the run's host reaches this one at (default %(default)s)",
+    )
+    simw.add_argument(
+        "--address",
+        help="this host's address as the run's host reaches it (default: Thespian's guess; "
+        "give it on hosts with several interfaces)",
+    )
+    simw.add_argument(
+        "--name",
+        help="how reports name this host (default HOSTNAME:PORT)",
+    )
+    simw.set_defaults(func=cmd_simulate_worker)
 
     keys = verbs.add_parser(
         "keys", help="the fleet's signing keys: list, rotate, revoke"

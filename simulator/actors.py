@@ -13,15 +13,18 @@
   to the end of the phase and counts what reached it (distinct (device, seq),
   and each record's end-to-end latency), in slices like a shard.
 
-Shards could sit on other hosts: the director asks for them with the
-``edgeward-sim-worker`` capability, which any host joining the convention can
-offer (see docs/simulator.md).
+Shards may run on other hosts (``simulate --worker-host``): a WorkerShard
+can only be made in an actor system that offers :data:`WORKER_CAPABILITY`
+(``edgeward simulate-worker`` starts one); the run's own system offers it
+unless worker hosts were named, and the director brings those into the run's
+convention (see docs/simulator.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +33,13 @@ from typing import Any
 
 import pika
 import pika.exceptions
-from thespian.actors import ActorExitRequest, ActorTypeDispatcher, WakeupMessage
+from thespian.actors import (
+    ActorExitRequest,
+    ActorSystemConventionUpdate,
+    ActorTypeDispatcher,
+    PoisonMessage,
+    WakeupMessage,
+)
 
 from edgeward.transport import topology
 from edgeward.transport.connection import connect_blocking
@@ -62,6 +71,18 @@ FINISH_LIMIT = 15.0
 # the phase without it.
 FINISH_PATIENCE = 30.0
 
+#: The capability of an actor system that hosts shards: the worker host's
+#: name (``edgeward simulate-worker``), or True in the run's own system.
+WORKER_CAPABILITY = "edgeward-sim-worker"
+#: Set by ``edgeward simulate-worker`` to its name: shards report where they ran.
+WORKER_ENV = "EDGEWARD_SIM_WORKER"
+
+
+def worker_name() -> str:
+    """Where this process's shard runs: its worker host's name, or this host's."""
+    return os.environ.get(WORKER_ENV) or socket.gethostname() + model.OWN_HOST
+
+
 # -- messages -------------------------------------------------------------------
 
 
@@ -80,6 +101,20 @@ class StartPhase:
 class Command:
     kind: str  # cut | restore | churn | node-down | node-up
     arg: Any = None
+
+
+@dataclass(frozen=True)
+class Acked:
+    """A shard has taken a command the director must hear back on (node-down)."""
+
+    shard: int
+    kind: str
+
+
+#: Commands the director answers only once every shard has taken them: a
+#: node must not stop before its devices' shards know, or its closes would
+#: be counted unexpected by a shard deep in a long loop turn.
+ACKED_COMMANDS = ("node-down",)
 
 
 @dataclass(frozen=True)
@@ -106,6 +141,19 @@ class EndPhase:
 @dataclass(frozen=True)
 class Progress:
     pass
+
+
+@dataclass(frozen=True)
+class JoinWorkers:
+    """Bring these worker hosts' actor systems (``host:port``) into the run's
+    convention; answered, as is each later ask, with :class:`WorkersJoined`."""
+
+    hosts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WorkersJoined:
+    names: tuple[str, ...]  # the worker hosts that offer shards, by their names
 
 
 @dataclass(frozen=True)
@@ -150,6 +198,7 @@ class PhaseResult:
     notes: list = field(default_factory=list)
     telemetry: dict = field(default_factory=dict)  # the devices' outboxes at the end, summed
     telemetry_stream: TelemetryCount | None = None  # what the counter read
+    hosts: dict = field(default_factory=dict)  # worker host -> devices it ran
 
 
 def fleet_sample(t: float, totals: dict[str, Any]) -> model.FleetSample:
@@ -206,6 +255,12 @@ class Driven:
 
 
 class WorkerShard(Driven, ActorTypeDispatcher):
+    @staticmethod
+    def actorSystemCapabilityCheck(capabilities: dict, requirements: dict) -> bool:
+        # Only where shards are offered: a worker host's system, or the run's
+        # own when no worker host was named.
+        return bool(capabilities.get(WORKER_CAPABILITY))
+
     def __init__(self) -> None:
         super().__init__()
         self.shard: Shard | None = None
@@ -230,6 +285,8 @@ class WorkerShard(Driven, ActorTypeDispatcher):
     def receiveMsg_Command(self, msg: Command, sender: Any) -> None:
         shard = self.shard
         if shard is None:
+            if msg.kind in ACKED_COMMANDS:
+                self.send(sender, Acked(self.number, msg.kind))
             return
         if msg.kind == "cut":
             shard.cut()
@@ -249,10 +306,13 @@ class WorkerShard(Driven, ActorTypeDispatcher):
             # The director has not heard from this shard for a while.
             if self.rearm_if_stalled(RESUME):
                 shard.errors["shard_stalled"] += 1
+        if msg.kind in ACKED_COMMANDS:
+            self.send(sender, Acked(self.number, msg.kind))
 
     def receiveMsg_EndPhase(self, msg: EndPhase, sender: Any) -> None:
         if self.shard is not None and self.stopping_until is None:
-            self.final = self.shard.final()  # who was meant to be online, before stopping
+            # who was meant to be online, before stopping; and where it ran
+            self.final = {**self.shard.final(), "host": worker_name()}
             self.shard.stop()
             self.stopping_until = time.monotonic() + 10.0
 
@@ -286,6 +346,15 @@ class WorkerShard(Driven, ActorTypeDispatcher):
             self.slowest = 0.0
             self.send(self.director, ShardReport(self.number, time.time(), snapshot))
         self.arm(RESUME)
+
+    def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
+        # A report the director's process could not take: it is gone (on a
+        # worker host, no parent process tells). Do not run on alone.
+        if isinstance(msg.poisonMessage, ShardReport) and self.shard is not None:
+            self.shard.stop()
+            if self.loop is not None:
+                self.loop.run_until_complete(asyncio.sleep(1.0))
+            os._exit(0)
 
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
         if self.loop is not None:
@@ -432,6 +501,9 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
         self.counted: TelemetryCount | None = None  # its latest count
         self.counted_final: TelemetryCount | None = None
         self.count_deadline: float | None = None
+        self.worker_hosts: dict[str, str] = {}  # admin address -> name, of those joined
+        # A command answered once every shard took it: (asker, kind, shards waited for).
+        self.acking: tuple[Any, str, set[int]] | None = None
 
     def _t(self, when: float | None = None) -> float:
         assert self.phase is not None
@@ -476,7 +548,40 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
     def receiveMsg_Command(self, msg: Command, sender: Any) -> None:
         for shard in self.shards:
             self.send(shard, msg)
+        if msg.kind in ACKED_COMMANDS and self.shards:
+            self.acking = (sender, msg.kind, set(range(len(self.shards))))
+            return
         self.send(sender, {"ok": True})
+
+    def receiveMsg_Acked(self, msg: Acked, sender: Any) -> None:
+        if self.acking is None or self.acking[1] != msg.kind:
+            return
+        asker, kind, waiting = self.acking
+        waiting.discard(msg.shard)
+        if not waiting:
+            self.acking = None
+            self.send(asker, {"ok": True, "acked": kind})
+
+    # -- worker hosts --------------------------------------------------------------
+
+    def receiveMsg_JoinWorkers(self, msg: JoinWorkers, sender: Any) -> None:
+        if msg.hosts:
+            # The run's system invites them (they need not know it), and tells
+            # this actor of each that answers, with the capabilities it offers.
+            self.notifyOnSystemRegistrationChanges(True)
+            for host in msg.hosts:
+                self.preRegisterRemoteSystem(host, {})
+        self.send(sender, WorkersJoined(tuple(sorted(self.worker_hosts.values()))))
+
+    def receiveMsg_ActorSystemConventionUpdate(
+        self, msg: ActorSystemConventionUpdate, sender: Any
+    ) -> None:
+        name = (msg.remoteCapabilities or {}).get(WORKER_CAPABILITY)
+        address = str(msg.remoteAdminAddress)
+        if msg.remoteAdded and name:
+            self.worker_hosts[address] = str(name)
+        else:
+            self.worker_hosts.pop(address, None)
 
     # -- publishing --------------------------------------------------------------
 
@@ -711,8 +816,11 @@ class SimulationDirector(Driven, ActorTypeDispatcher):
         r.rollouts = [self.rollouts[k] for k in sorted(self.rollouts)]
         r.fanouts = [[lat for lat in self.fanouts[k]] for k in sorted(self.fanouts)]
         for number in sorted(self.finals):
-            r.revisions.extend(self.finals[number]["revisions"])
-            r.online.extend(self.finals[number]["online"])
+            final = self.finals[number]
+            r.revisions.extend(final["revisions"])
+            r.online.extend(final["online"])
+            host = final.get("host", "?")
+            r.hosts[host] = r.hosts.get(host, 0) + len(final["revisions"])
         r.telemetry = self._telemetry()
         r.telemetry_stream = self.counted_final
         for shard in self.shards:

@@ -89,6 +89,10 @@ class Baseline:
     probe_bytes: int = 0
 
 
+#: How a shard on the run's own host names where it ran (after the host name).
+OWN_HOST = " (the run's own host)"
+
+
 @dataclass
 class RunData:
     scenario: dict[str, Any]
@@ -144,6 +148,9 @@ class RunData:
     # which all logged in with the shared login.
     logins: dict[str, Any] = field(default_factory=dict)
     reconnect: dict[str, float | None] = field(default_factory=dict)  # storm figures
+    # Where the devices ran: worker host name -> devices (``--worker-host``),
+    # or this host's name alone. Empty: a run from before it was recorded.
+    worker_hosts: dict[str, int] = field(default_factory=dict)
     duration: float = 0.0
     completed: bool = False  # False for a run stopped early (Ctrl-C)
     notes: list[str] = field(default_factory=list)

@@ -50,7 +50,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edgeward.simulator.model import Action, BrokerSample, FleetSample, Rollout, RunData
+from edgeward.simulator.model import (
+    OWN_HOST,
+    Action,
+    BrokerSample,
+    FleetSample,
+    Rollout,
+    RunData,
+)
 
 # Planners' defaults for one broker node.
 DEFAULT_NODE_MEMORY_BYTES = 16 * 2**30
@@ -191,10 +198,18 @@ def compute(
     client = _client(run)
     converged, convergence = _convergence(run, notes)
     logins = _logins(run, notes)
+    if any(not host.endswith(OWN_HOST) for host in run.worker_hosts):
+        notes.append(
+            "The devices ran on other hosts (--worker-host): propagation and telemetry "
+            "latency are receipt times there minus publish or record times on the run's "
+            "host and the devices', good to the hosts' clock agreement (NTP keeps it "
+            "within milliseconds)."
+        )
 
     return {
         "devices": run.devices,
         "workers": run.workers,
+        "worker_hosts": dict(run.worker_hosts),
         "connected_max": max((s.connected for s in run.samples), default=None),
         "converged": converged,
         "convergence": convergence,
@@ -1192,7 +1207,9 @@ def markdown(figures: dict[str, Any], run: RunData) -> str:
         f"connections: "
         + ("one per device" if not f["share_connections"] else f"shared ({f['share_connections']})")
         + f"; logins: {_logins_word(f['logins'])}"
-        + f"; {f['workers']} worker process(es)."
+        + f"; {f['workers']} worker process(es)"
+        + _hosts_phrase(f.get("worker_hosts") or {})
+        + "."
     )
     add("")
 
@@ -1351,6 +1368,12 @@ def markdown(figures: dict[str, Any], run: RunData) -> str:
         add(f"- {note}")
     add("")
     return "\n".join(lines)
+
+
+def _hosts_phrase(hosts: dict[str, int]) -> str:
+    if not hosts or all(h.endswith(OWN_HOST) for h in hosts):
+        return ""
+    return " on " + ", ".join(f"{h} ({n:,} devices)" for h, n in sorted(hosts.items()))
 
 
 def _logins_word(logins: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -63,6 +64,8 @@ RESTART_LIMIT = 180.0  # how long the devices of a restarted node are waited for
 # jitter (60 s), then goes at its rate (100 records/s).
 DRAIN_LIMIT = 120.0
 PROBES = 3
+WORKER_PATIENCE = 60.0  # how long named worker hosts are waited for
+NODE_DOWN_PATIENCE = 120.0  # how long every worker is given to take a node-down notice
 
 
 class Aborted(Exception):
@@ -224,9 +227,14 @@ class Runner:
         baseline_delivery: str = "stream",
         baseline_only: bool = False,
         sizing: dict[str, Any] | None = None,
+        worker_hosts: list[str] | None = None,
+        worker_wait: float = WORKER_PATIENCE,
         out=print,
     ) -> None:
         self.scenario = scenario
+        # host:port of each ``edgeward simulate-worker``: shards run there only.
+        self.worker_hosts = list(worker_hosts or [])
+        self.worker_wait = worker_wait
         self.report_dir = report_dir
         self.brokers = brokers or []
         self.local_cluster = local_cluster
@@ -373,12 +381,17 @@ class Runner:
         return with_vhost
 
     def _start_actors(self) -> None:
-        os.environ.setdefault("THESPIAN_BASE_IPADDR", "127.0.0.1")
+        # The address the run's actors are reached at: loopback for a run on
+        # this host; with worker hosts, this host's address on the way to them.
+        address = "127.0.0.1"
+        if self.worker_hosts:
+            address = route_address(self.worker_hosts[0])
+        os.environ.setdefault("THESPIAN_BASE_IPADDR", address)
         from thespian.actors import ActorSystem
 
         from edgeward.actors.runtime import free_port
 
-        from .actors import SimulationDirector
+        from .actors import WORKER_CAPABILITY, SimulationDirector
 
         port = free_port()
         log_dir = self.report_dir / "logs"
@@ -392,7 +405,9 @@ class Runner:
         try:
             self.asys = ActorSystem(
                 "multiprocTCPBase",
-                {"Admin Port": port},
+                # Shards go where this capability is offered: here, unless
+                # worker hosts were named.
+                {"Admin Port": port, WORKER_CAPABILITY: not self.worker_hosts},
                 logDefs={
                     "version": 1,
                     "handlers": {
@@ -408,6 +423,40 @@ class Runner:
             if main:
                 signal.signal(signal.SIGINT, handler)
         self.director = self.asys.createActor(SimulationDirector)
+        if self.worker_hosts:
+            self._join_workers()
+
+    def _join_workers(self) -> None:
+        """Wait until every named worker host is in the run (it answers the
+        run's invitation within a second or two when it is up)."""
+        from .actors import JoinWorkers, WorkersJoined
+
+        hosts = tuple(self.worker_hosts)
+        self.out(f"inviting {len(hosts)} worker host(s): {', '.join(hosts)} ...")
+        deadline = time.monotonic() + self.worker_wait
+        message = JoinWorkers(hosts)
+        said = None
+        while True:
+            joined = self.ask(message, 10, expect=lambda r: isinstance(r, WorkersJoined))
+            names = joined.names
+            if len(names) >= len(hosts):
+                self.out(f"  worker hosts in the run: {', '.join(names)}")
+                return
+            if self.abort.is_set():
+                raise Aborted()
+            if time.monotonic() > deadline:
+                raise WorkersMissing(
+                    f"{len(hosts) - len(names)} of {len(hosts)} worker host(s) did not join "
+                    f"within {self.worker_wait:g} s (joined: {', '.join(names) or 'none'}). "
+                    "On each host named by --worker-host, is `edgeward simulate-worker "
+                    "--port PORT` running, and can this host reach it (and it this one)?"
+                )
+            line = f"  {len(names)} of {len(hosts)} joined"
+            if line != said:
+                self.out(line)
+                said = line
+            message = JoinWorkers(())  # invited once; from now on, only ask who came
+            time.sleep(0.5)
 
     def ask(
         self, msg: Any, timeout: float = 60.0, expect: Callable[[Any], bool] | None = None
@@ -601,6 +650,7 @@ class Runner:
                 self.run.errors = result.errors
                 self.run.unexpected_closes = result.unexpected_closes
                 self.run.client_base_rss_bytes = result.base_rss
+                self.run.worker_hosts = dict(result.hosts)
         # The broker before and during the baseline: its first samples are the
         # truly idle node that per-device costs are measured from (the node's
         # memory and fd gauges lag, so the edgeward phase's start is not idle).
@@ -764,9 +814,22 @@ class Runner:
             run.notes.append("restart-node needs --local-cluster; step skipped")
             return
         url = redact(self.cluster.amqp_urls[node - 1])
-        self.ask(Command("node-down", url))
+        # Every shard must know before the node stops (else its devices' closes
+        # count as unexpected): the director answers once all have taken it.
+        self.out(f"\ntelling the workers node {node} goes down ...")
+        try:
+            self.ask(
+                Command("node-down", url),
+                NODE_DOWN_PATIENCE,
+                expect=lambda r: isinstance(r, dict) and r.get("acked") == "node-down",
+            )
+        except RuntimeError:
+            run.notes.append(
+                f"Node {node} restart: not every worker took the node-down notice within "
+                f"{NODE_DOWN_PATIENCE:g} s; closes its devices saw first count as unexpected."
+            )
         t = time.time() - self.t0
-        self.out(f"\nrestarting node {node} ...")
+        self.out(f"restarting node {node} ...")
         started = time.monotonic()
         self.cluster.restart_node(node)
         detail: dict[str, Any] = {"node": node, "restart_s": round(time.monotonic() - started, 2)}
@@ -793,6 +856,7 @@ class Runner:
         run.unexpected_closes = result.unexpected_closes
         run.heartbeats_sent = result.heartbeats
         run.client_base_rss_bytes = result.base_rss
+        run.worker_hosts = dict(result.hosts)
         online = [rev for rev, on in zip(result.revisions, result.online, strict=False) if on]
         run.messages_expected = len(online) * latest
         run.messages_received = sum(min(rev, latest) for rev in online)
@@ -840,8 +904,10 @@ class Runner:
             versions=_versions(),
         )
         try:
-            self._make_logins(run)
+            # The actors first: a worker host that does not join fails the run
+            # before any user is made.
             self._start_actors()
+            self._make_logins(run)
             if s.baseline:
                 raw_urls = self._vhost(urls, f"edgeward-sim-{run_id}-raw")
                 self._grant(f"edgeward-sim-{run_id}-raw", "raw")
@@ -955,6 +1021,21 @@ class Runner:
             self.cluster = None
 
 
+class WorkersMissing(RuntimeError):
+    """A worker host named with --worker-host did not join the run."""
+
+
+def route_address(host_port: str) -> str:
+    """This host's address on the route to ``host:port`` (no packet is sent)."""
+    host = host_port.rpartition(":")[0] or host_port
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, 9))
+            return probe.getsockname()[0]
+        except OSError as exc:
+            raise WorkersMissing(f"worker host {host_port}: no route to it ({exc})") from None
+
+
 def _is_progress(reply: Any) -> bool:
     return isinstance(reply, dict) and "connected" in reply
 
@@ -1060,6 +1141,11 @@ def simulate(args: Any) -> int:
     report_dir = Path(args.report)
     if args.local_cluster and not shutil.which("rabbitmq-server"):
         raise ValueError("--local-cluster needs Debian's rabbitmq-server (run `make broker`)")
+    worker_hosts = list(getattr(args, "worker_host", None) or [])
+    for host in worker_hosts:
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(f"--worker-host {host}: give HOST:PORT (simulate-worker's --port)")
     runner = Runner(
         scenario,
         report_dir,
@@ -1072,6 +1158,8 @@ def simulate(args: Any) -> int:
         baseline_delivery=args.baseline_delivery,
         baseline_only=args.baseline_only,
         sizing=_sizing_limits(args),
+        worker_hosts=worker_hosts,
+        worker_wait=getattr(args, "worker_wait", None) or WORKER_PATIENCE,
         out=lambda line: print(line, flush=True),
     )
 

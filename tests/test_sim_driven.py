@@ -109,6 +109,26 @@ def test_a_silent_shard_is_nudged_once_until_it_reports_again(clock: Clock) -> N
     assert director.nudges() == ["shard-0", "shard-1", "shard-0"]
 
 
+def test_a_node_down_notice_is_answered_only_once_every_shard_has_taken_it() -> None:
+    # Given a director with two shards
+    director = Director()
+    director.shards = ["shard-0", "shard-1"]
+    # When the run says a node goes down
+    director.receiveMsg_Command(actors.Command("node-down", "amqp://n2"), "runner")
+    # Then both shards are told, and the run waits
+    told = [t for t, m in director.sent if isinstance(m, actors.Command)]
+    assert told == ["shard-0", "shard-1"]
+    assert not [m for t, m in director.sent if t == "runner"]
+    # Until both have taken it (one shard deep in a long loop turn answers late)
+    director.receiveMsg_Acked(actors.Acked(1, "node-down"), "shard-1")
+    assert not [m for t, m in director.sent if t == "runner"]
+    director.receiveMsg_Acked(actors.Acked(0, "node-down"), "shard-0")
+    assert [m for t, m in director.sent if t == "runner"] == [{"ok": True, "acked": "node-down"}]
+    # And other commands are answered at once, as before
+    director.receiveMsg_Command(actors.Command("cut"), "runner")
+    assert [m for t, m in director.sent if t == "runner"][-1] == {"ok": True}
+
+
 KILL_FORKS = """
 import os, subprocess, sys, time
 from edgeward.simulator.run import kill_forks
