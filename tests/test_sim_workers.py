@@ -26,6 +26,16 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgeward.actors.cli", *args]
 
 
+def simulate(report: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``edgeward simulate`` of the smoke scenario on the shared broker."""
+    return subprocess.run(
+        cli("simulate", str(SMOKE), *args, "--broker-url", BROKER, "--report", str(report)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def processes_named(name: str) -> set[int]:
     """Processes whose environment says they belong to the worker host ``name``."""
     marker = f"EDGEWARD_SIM_WORKER={name}".encode()
@@ -80,22 +90,13 @@ def test_a_run_puts_its_devices_on_the_worker_host_and_the_host_outlives_it(
     # Given a worker host, its actor system up and idle
     idle = wait_until(lambda: processes_named(name), 10, message="worker host processes")
     # When a run names it
-    done = subprocess.run(
-        cli(
-            "simulate",
-            str(SMOKE),
-            "--devices",
-            "40",
-            "--no-baseline",
-            "--worker-host",
-            f"127.0.0.1:{port}",
-            "--broker-url",
-            BROKER,
-            "--report",
-            str(tmp_path),
-        ),
-        capture_output=True,
-        text=True,
+    done = simulate(
+        tmp_path,
+        "--devices",
+        "40",
+        "--no-baseline",
+        "--worker-host",
+        f"127.0.0.1:{port}",
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -121,23 +122,14 @@ def test_a_worker_host_that_is_not_there_fails_the_run_before_any_device_is_made
 ) -> None:
     port = free_port_factory()  # nothing listens there
     started = time.monotonic()
-    done = subprocess.run(
-        cli(
-            "simulate",
-            str(SMOKE),
-            "--devices",
-            "5",
-            "--worker-host",
-            f"127.0.0.1:{port}",
-            "--worker-wait",
-            "3",
-            "--broker-url",
-            BROKER,
-            "--report",
-            str(tmp_path),
-        ),
-        capture_output=True,
-        text=True,
+    done = simulate(
+        tmp_path,
+        "--devices",
+        "5",
+        "--worker-host",
+        f"127.0.0.1:{port}",
+        "--worker-wait",
+        "3",
         timeout=120,
     )
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
