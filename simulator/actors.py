@@ -37,7 +37,6 @@ from thespian.actors import (
     ActorExitRequest,
     ActorSystemConventionUpdate,
     ActorTypeDispatcher,
-    PoisonMessage,
     WakeupMessage,
 )
 
@@ -59,6 +58,8 @@ SCRAPE_EVERY = 2.0
 # A self-driven actor whose wakeup is this late is re-armed when the silence
 # is noticed (Driven.rearm_if_stalled).
 STALL_SECONDS = 5.0
+# How often a shard makes sure its director is still there (seconds).
+DIRECTOR_CHECK = 10.0
 # The telemetry counter: its prefetch and how often it acks (a stream
 # consumer gets no more than its prefetch unacknowledged); at the end, it
 # reads on until the stream was quiet this long, or the limit passed.
@@ -270,6 +271,8 @@ class WorkerShard(Driven, ActorTypeDispatcher):
         self.next_report = 0.0
         self.stopping_until: float | None = None
         self.slowest = 0.0  # the longest loop slice since the last report (s)
+        self.next_director_check = 0.0
+        self.director_misses = 0  # the director's socket unreachable, times running
 
     def receiveMsg_tuple(self, msg: tuple, sender: Any) -> None:
         number, config = msg
@@ -319,7 +322,7 @@ class WorkerShard(Driven, ActorTypeDispatcher):
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
         if self.loop is None or self.shard is None or not self.current(msg):
             return
-        if os.getppid() != self.parent_pid:
+        if os.getppid() != self.parent_pid or self._director_gone():
             # The director's process is gone (killed): do not run on alone.
             self.shard.stop()
             self.loop.run_until_complete(asyncio.sleep(1.0))
@@ -347,14 +350,29 @@ class WorkerShard(Driven, ActorTypeDispatcher):
             self.send(self.director, ShardReport(self.number, time.time(), snapshot))
         self.arm(RESUME)
 
-    def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
-        # A report the director's process could not take: it is gone (on a
-        # worker host, no parent process tells). Do not run on alone.
-        if isinstance(msg.poisonMessage, ShardReport) and self.shard is not None:
-            self.shard.stop()
-            if self.loop is not None:
-                self.loop.run_until_complete(asyncio.sleep(1.0))
-            os._exit(0)
+    def _director_gone(self) -> bool:
+        """Whether the director's process has gone, looked at every
+        ``DIRECTOR_CHECK`` seconds. Locally the parent process tells (the
+        director forked this one); on a worker host the parent is that
+        host's admin, and Thespian keeps undeliverable reports to itself: so
+        ask the director's own socket. Refused, or unreachable three times
+        running: gone."""
+        now = time.monotonic()
+        if now < self.next_director_check:
+            return False
+        self.next_director_check = now + DIRECTOR_CHECK
+        try:
+            address = self.director.addressDetails.connectArgs[0]
+        except (AttributeError, IndexError, TypeError):
+            return False  # not a TCP address (a test's): nothing to ask
+        try:
+            socket.create_connection(address, timeout=2.0).close()
+            self.director_misses = 0
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            self.director_misses += 1
+        return self.director_misses >= 3
 
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
         if self.loop is not None:

@@ -147,3 +147,52 @@ def test_a_second_worker_host_on_a_taken_port_is_refused(worker_host) -> None:
     )
     assert done.returncode == 2
     assert f"port {port} is taken" in done.stderr
+
+
+def test_shards_on_a_worker_host_stop_when_the_run_is_killed(
+    worker_host, tmp_path: Path, broker_admin
+) -> None:
+    port, name, proc = worker_host
+    idle = wait_until(lambda: processes_named(name), 10, message="worker host processes")
+    vhosts_before = set(broker_admin.list_vhosts())
+    # Given a run whose shards are running on the worker host
+    report = tmp_path / "killed-run"
+    run = subprocess.Popen(
+        cli(
+            "simulate",
+            str(SMOKE),
+            "--devices",
+            "20",
+            "--no-baseline",
+            "--shared-login",
+            "--worker-host",
+            f"127.0.0.1:{port}",
+            "--broker-url",
+            BROKER,
+            "--report",
+            str(report),
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: len(processes_named(name)) > len(idle), 60, message="shards started")
+        # When the run's every process is killed (its actor system's too)
+        marker = str(report).encode()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                        if marker in fh.read():
+                            os.kill(int(entry), signal.SIGKILL)
+                except OSError:
+                    continue
+        run.wait(timeout=10)
+        # Then the shards on the worker host notice and end; the host stays up
+        wait_until(lambda: processes_named(name) == idle, 60, message="orphaned shards ended")
+        assert proc.poll() is None
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for vhost in set(broker_admin.list_vhosts()) - vhosts_before:
+            broker_admin.delete_vhost(vhost)
