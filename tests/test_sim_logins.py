@@ -422,15 +422,16 @@ def test_a_device_user_may_not_publish_as_another_device(broker_url: str, vhost:
 def test_a_failed_run_still_removes_its_device_users_and_says_so(
     tmp_path: Path, broker_admin: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a run whose workers cannot start, after its device users were made
+    # Given a run that cannot make its vhost, after its device users were made
     made: list[list[str]] = []
 
-    def boom(self: Runner) -> None:
+    def boom(self: Runner, urls: list[str], name: str) -> list[str]:
         assert self.logins is not None
         made.append(self.logins.existing())
-        raise RuntimeError("no actor system today")
+        raise RuntimeError("no vhost today")
 
-    monkeypatch.setattr(Runner, "_start_actors", boom)
+    monkeypatch.setattr(Runner, "_start_actors", lambda self: None)
+    monkeypatch.setattr(Runner, "_vhost", boom)
     run = Runner(
         parse("devices = 3\nduration = 5\n"),
         tmp_path,
@@ -438,7 +439,7 @@ def test_a_failed_run_still_removes_its_device_users_and_says_so(
         out=lambda line: None,
     )
     # When it runs, it fails
-    with pytest.raises(RuntimeError, match="no actor system today"):
+    with pytest.raises(RuntimeError, match="no vhost today"):
         run.execute()
     # Then its users existed, and are gone; the partial report says what happened
     assert made == [["sim-000000", "sim-000001", "sim-000002"]]
