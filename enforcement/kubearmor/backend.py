@@ -432,7 +432,10 @@ class Watch:
         on_event: Callable[[WatchEvent], None],
         *,
         backoff_base: float = 0.5,
-        backoff_cap: float = 30.0,
+        # The daemon is on this host: asking it every few seconds while it is
+        # down costs nothing, and until the agent sees it back a restarted
+        # daemon enforces only what it replayed from its disk.
+        backoff_cap: float = 5.0,
         alert_filter: str = "policy",
         log_filter: str = "system",
     ) -> None:
