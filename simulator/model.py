@@ -89,6 +89,10 @@ class Baseline:
     probe_bytes: int = 0
 
 
+#: A worker's asyncio turn this long (s) means the load generator was
+#: overloaded: its devices' figures, and the commands it takes, are late by as much.
+SLOW_TURN_S = 2.0
+
 #: How a shard on the run's own host names where it ran (after the host name).
 OWN_HOST = " (the run's own host)"
 
@@ -152,6 +156,10 @@ class RunData:
     # or this host's name alone. Empty: a run from before it was recorded.
     worker_hosts: dict[str, int] = field(default_factory=dict)
     duration: float = 0.0
+    # The longest a worker's asyncio turn took (s): above a couple of
+    # seconds the load generator was overloaded, and commands (cut, restore,
+    # a publish's bookkeeping) reached its devices late by as much.
+    slowest_turn_s: float = 0.0
     completed: bool = False  # False for a run stopped early (Ctrl-C)
     notes: list[str] = field(default_factory=list)
 

@@ -52,6 +52,7 @@ from typing import Any
 
 from edgeward.simulator.model import (
     OWN_HOST,
+    SLOW_TURN_S,
     Action,
     BrokerSample,
     FleetSample,
@@ -311,7 +312,15 @@ def _propagation(run: RunData, notes: list[str]) -> dict[str, Any]:
                 "devices online at publish put it in force (the rest went offline, "
                 "or did not get it)."
             )
-        if r["in_force"] > r["online_at_publish"]:
+        if r["in_force"] > r["online_at_publish"] and run.slowest_turn_s >= SLOW_TURN_S:
+            notes.append(
+                f"Revision {r['revision']}: {r['in_force']} devices put it in force, "
+                f"{r['online_at_publish']} counted online at publish: the workers were "
+                f"overloaded (a loop turn took up to {run.slowest_turn_s:.0f} s) and took "
+                "the run's commands late, so devices whose worker had not yet cut them "
+                "received it."
+            )
+        elif r["in_force"] > r["online_at_publish"]:
             notes.append(
                 f"Revision {r['revision']}: {r['in_force']} latencies for "
                 f"{r['online_at_publish']} devices online at publish — a counting bug."

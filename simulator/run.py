@@ -56,7 +56,7 @@ API_PATIENCE = 300.0  # how long a busy management API is waited for
 PROGRESS_PATIENCE = 120.0  # how long a progress poll waits for the director
 # A worker's loop turn this long (seconds) means the machine cannot keep up:
 # its devices' figures are late by as much, and the progress line says so.
-SLOW_TURN = 2.0
+SLOW_TURN = model.SLOW_TURN_S
 STORM_LIMIT = 300.0  # how long a reconnect storm is waited for, each phase
 RESTART_LIMIT = 180.0  # how long the devices of a restarted node are waited for
 # How long the outboxes are given to drain at the end.  A backlog larger than
@@ -947,6 +947,7 @@ class Runner:
             failure = exc
         finally:
             run.duration = time.time() - self.t0
+            run.slowest_turn_s = round(self.slowest_turn, 3)
             if self.slowest_turn >= SLOW_TURN:
                 run.notes.append(
                     f"The load generator was overloaded: a worker's loop turn took up to "

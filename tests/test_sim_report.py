@@ -804,3 +804,19 @@ def test_a_failed_removal_is_noted() -> None:
     }
     figures = figures_for(synthetic_run(logins=logins))
     assert "Logins: device users were not removed: management API: refused." in figures["notes"]
+
+
+def test_more_in_force_than_online_at_publish_is_put_down_to_overload_when_workers_lagged() -> None:
+    # Given a rollout that more devices put in force than were counted online at publish
+    def run_with(slowest_turn_s: float) -> RunData:
+        run = synthetic_run(slowest_turn_s=slowest_turn_s)
+        run.rollouts[0].online_at_publish = 10
+        return run
+
+    # When the workers kept up, it is a counting bug
+    quick = figures_for(run_with(0.3))["notes"]
+    assert any("a counting bug" in n for n in quick)
+    # When they were overloaded (commands such as a cut reached them late), it says so
+    slow = figures_for(run_with(54.1))["notes"]
+    assert not any("a counting bug" in n for n in slow)
+    assert any("overloaded (a loop turn took up to 54 s)" in n for n in slow)
