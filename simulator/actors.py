@@ -271,6 +271,8 @@ class WorkerShard(Driven, ActorTypeDispatcher):
         self.next_report = 0.0
         self.stopping_until: float | None = None
         self.slowest = 0.0  # the longest loop slice since the last report (s)
+        # Only on a worker host is the director not this process's parent.
+        self.on_worker_host = WORKER_ENV in os.environ
         self.next_director_check = 0.0
         self.director_misses = 0  # the director's socket unreachable, times running
 
@@ -358,7 +360,7 @@ class WorkerShard(Driven, ActorTypeDispatcher):
         ask the director's own socket. Refused, or unreachable three times
         running: gone."""
         now = time.monotonic()
-        if now < self.next_director_check:
+        if not self.on_worker_host or now < self.next_director_check:
             return False
         self.next_director_check = now + DIRECTOR_CHECK
         try:

@@ -199,7 +199,7 @@ def compute(
     client = _client(run)
     converged, convergence = _convergence(run, notes)
     logins = _logins(run, notes)
-    if any(not host.endswith(OWN_HOST) for host in run.worker_hosts):
+    if _ran_elsewhere(run.worker_hosts):
         notes.append(
             "The devices ran on other hosts (--worker-host): propagation and telemetry "
             "latency are receipt times there minus publish or record times on the run's "
@@ -1379,8 +1379,13 @@ def markdown(figures: dict[str, Any], run: RunData) -> str:
     return "\n".join(lines)
 
 
+def _ran_elsewhere(hosts: dict[str, int]) -> bool:
+    """Whether devices ran on a worker host, not the run's own."""
+    return any(not host.endswith(OWN_HOST) for host in hosts)
+
+
 def _hosts_phrase(hosts: dict[str, int]) -> str:
-    if not hosts or all(h.endswith(OWN_HOST) for h in hosts):
+    if not _ran_elsewhere(hosts):
         return ""
     return " on " + ", ".join(f"{h} ({n:,} devices)" for h, n in sorted(hosts.items()))
 

@@ -54,9 +54,6 @@ SETTLE = 5.0
 API_TIMEOUT = 60.0  # one management API request, seconds
 API_PATIENCE = 300.0  # how long a busy management API is waited for
 PROGRESS_PATIENCE = 120.0  # how long a progress poll waits for the director
-# A worker's loop turn this long (seconds) means the machine cannot keep up:
-# its devices' figures are late by as much, and the progress line says so.
-SLOW_TURN = model.SLOW_TURN_S
 STORM_LIMIT = 300.0  # how long a reconnect storm is waited for, each phase
 RESTART_LIMIT = 180.0  # how long the devices of a restarted node are waited for
 # How long the outboxes are given to drain at the end.  A backlog larger than
@@ -456,7 +453,7 @@ class Runner:
                 self.out(line)
                 said = line
             message = JoinWorkers(())  # invited once; from now on, only ask who came
-            time.sleep(0.5)
+            self.abort.wait(0.5)
 
     def ask(
         self, msg: Any, timeout: float = 60.0, expect: Callable[[Any], bool] | None = None
@@ -561,7 +558,7 @@ class Runner:
             f"errors {errors:<5} unexpected closes {p.get('unexpected_closes', 0)}"
         )
         behind = p.get("slowest_turn_s", 0.0)
-        if behind >= SLOW_TURN:
+        if behind >= model.SLOW_TURN_S:
             line += f"  workers overloaded: a loop turn took {behind:.0f} s"
         tel = p.get("telemetry", {})
         if tel.get("sent"):
@@ -948,7 +945,7 @@ class Runner:
         finally:
             run.duration = time.time() - self.t0
             run.slowest_turn_s = round(self.slowest_turn, 3)
-            if self.slowest_turn >= SLOW_TURN:
+            if self.slowest_turn >= model.SLOW_TURN_S:
                 run.notes.append(
                     f"The load generator was overloaded: a worker's loop turn took up to "
                     f"{self.slowest_turn:.1f} s, and its devices' figures (connects, "
